@@ -1,0 +1,28 @@
+# Quillan: `make pipeline` runs the whole pipeline (CPU default preset), `make test` the tests.
+# Both create .venv and install the project into it when missing or when pyproject.toml changed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: install pipeline test test-fast clean-outputs
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+pipeline: install
+	$(BIN)/quillan run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"

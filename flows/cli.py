@@ -1,0 +1,123 @@
+"""`quillan`: the command line. Stages (what dvc.yaml calls), the whole flow, gates, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"quillan: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load(args) -> "object":
+    from tasks.params import ConfigError, load_params
+
+    try:
+        return load_params(args.params, preset=getattr(args, "preset", None), overrides=_parse_sets(args.set))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_stage(args) -> int:
+    from tasks import run_stage
+
+    params = _load(args)
+    run_stage(args.name, params)
+    return 0
+
+
+def cmd_run(args) -> int:
+    _load(args)  # fail before Prefect or DVC start
+    from flows.pipeline import PipelineFailed, pipeline
+
+    try:
+        pipeline(preset=args.preset, until=args.until)
+    except PipelineFailed as e:
+        print(f"pipeline failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from tasks.gates import run_gate
+
+    params = _load(args)
+    paths = [Path(p) for p in args.paths]
+    try:
+        result = run_gate(args.suite, paths, params, Path(args.report) if args.report else None)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"validate: {e}", file=sys.stderr)
+        return 2
+    if args.mlflow:
+        from tasks.tracking import stage_run
+
+        with stage_run(f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]},
+                       [str(p) for p in paths]) as tracker:
+            tracker.log_metrics({"gate": {"success": int(result.success), "rows": result.rows,
+                                          "failed_expectations": len(result.failures)}})
+            if args.report:
+                tracker.log_artifact(args.report)
+    print(result.report(), file=sys.stdout if result.success else sys.stderr)
+    return 0 if result.success else 1
+
+
+def cmd_config(args) -> int:
+    params = _load(args)
+    print(yaml.safe_dump(json.loads(params.model_dump_json()), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks import STAGES
+
+    p = argparse.ArgumentParser(prog="quillan", description="Build ternary (BitNet b1.58) MoE language models end to end.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override one dotted key for this invocation, e.g. --set data.n_per_domain=300")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stage", parents=[common], help="run one pipeline stage (what dvc.yaml calls)")
+    s.add_argument("name", choices=STAGES)
+    s.set_defaults(func=cmd_stage)
+
+    r = sub.add_parser("run", parents=[common], help="run the whole DAG through the Prefect flow (drives dvc repro)",
+                       description="Run every DVC stage in order, gates between them, as one Prefect flow run "
+                                   "with one parent MLflow run. --preset writes `preset: P` into params.yaml first "
+                                   "so that dvc.lock records what was run.")
+    r.add_argument("--preset", help="preset to run (smoke, cpu, gpu); default: the one in params.yaml")
+    r.add_argument("--until", help="stop after this DVC stage")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", parents=[common], help="run a data-validation gate on files; exit 1 if it fails")
+    v.add_argument("suite", help="suite name (gates/<suite>.json), e.g. data")
+    v.add_argument("paths", nargs="+", help="file(s) to validate, e.g. data/generated/train.jsonl")
+    v.add_argument("--report", help="also write a JSON summary here")
+    v.add_argument("--mlflow", action="store_true", help="log the gate's result as an MLflow run")
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("config", parents=[common], help="print the resolved, validated config")
+    c.add_argument("--preset", help="resolve with this preset instead of params.yaml's")
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

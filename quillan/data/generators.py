@@ -1,0 +1,210 @@
+"""Procedural generators of verifiable tasks in four domains: math, code, reasoning, writing.
+
+Each generator returns records shaped
+`{"prompt", "answer", "target", "domain", "difficulty", "task", "verifier"}`: `answer` is the
+final answer, `target` what the model learns to write (the answer, or worked steps ending in
+"Answer: <answer>"), `verifier` the spec `quillan.data.verify.expected_answer` recomputes from.
+Every task has several phrasings so a model cannot key on one template.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from quillan.data.code_expr import build_expression, render
+from quillan.data.verify import ANSWER_MARK, expected_answer
+
+DOMAINS = ("math", "code", "reasoning", "writing")
+DIFFICULTIES = (1, 2, 3)
+
+Record = dict[str, Any]
+
+_MATH_TEMPLATES = {
+    "add": ["What is {a} + {b}?", "{a} + {b} =", "Compute {a} plus {b}.", "Add {a} and {b}.",
+            "Find the sum of {a} and {b}.", "Calculate: {a} + {b}", "What do you get when you add {b} to {a}?"],
+    "sub": ["What is {a} - {b}?", "{a} - {b} =", "Compute {a} minus {b}.", "Subtract {b} from {a}.",
+            "Find the difference {a} - {b}.", "Calculate: {a} - {b}", "What is {b} less than {a}?"],
+    "mul": ["What is {a} * {b}?", "{a} * {b} =", "Compute {a} times {b}.", "Multiply {a} by {b}.",
+            "Find the product of {a} and {b}.", "Calculate: {a} x {b}", "What is {a} multiplied by {b}?"],
+}
+_STEPS_SUFFIX = [" Show your steps.", " Work it out step by step.", " Explain briefly."]
+_OPS = {"add": "+", "sub": "-", "mul": "*"}
+
+_CODE_TEMPLATES = ["What does the Python expression `{src}` evaluate to?", "Evaluate in Python: {src}",
+                   "What is the value of {src} in Python?", "In Python, what does {src} return?",
+                   ">>> {src}", "Python expression: {src}\nResult?", "Compute the Python value of `{src}`."]
+
+_REASONING_TEMPLATES = {
+    "max": ["Which is the largest number: {items}?", "Find the maximum of {items}.",
+            "What is the biggest value among {items}?", "Largest of {items}?"],
+    "min": ["Which is the smallest number: {items}?", "Find the minimum of {items}.",
+            "What is the lowest value among {items}?", "Smallest of {items}?"],
+    "greater": ["Is {a} greater than {b}? Answer yes or no.", "Yes or no: {a} > {b}?",
+                "Is {a} larger than {b}? Reply yes or no.", "Does {a} exceed {b}? yes/no"],
+    "sort": ["Sort in {order} order: {items}", "Arrange {items} in {order} order.",
+             "Put these numbers in {order} order: {items}", "Order {items} ({order})."],
+    "count_even": ["How many even numbers are in {items}?", "Count the even numbers: {items}",
+                   "Among {items}, how many are even?", "Number of even values in {items}?"],
+    "count_gt": ["How many numbers in {items} are greater than {t}?", "Count values above {t}: {items}",
+                 "Among {items}, how many exceed {t}?", "Number of items bigger than {t} in {items}?"],
+    "next": ["What comes next: {items}, ?", "Continue the sequence: {items}, ...",
+             "Next number in the sequence {items}?", "Find the next term: {items}"],
+}
+
+_WRITING_TEMPLATES = {
+    "reverse": ["Reverse the word '{text}'.", "Write '{text}' backwards.", "Spell '{text}' in reverse.",
+                "What is '{text}' reversed?"],
+    "upper": ["Write '{text}' in capital letters.", "Convert to uppercase: {text}", "Uppercase this: {text}",
+              "Shout it: {text}"],
+    "capitalize": ["Capitalise each word: {text}", "Title-case this: {text}",
+                   "Make the first letter of every word uppercase: {text}", "Capitalize: {text}"],
+    "count_letter": ["How many times does the letter '{letter}' appear in '{text}'?",
+                     "Count the '{letter}'s in '{text}'.", "Number of '{letter}' in '{text}'?",
+                     "In '{text}', how often does '{letter}' occur?"],
+    "length": ["How many characters are in '{text}'?", "What is the length of '{text}'?",
+               "Count the letters in '{text}'.", "len('{text}') in characters?"],
+    "word_count": ["How many words are in: {text}", "Count the words: {text}",
+                   "Word count of '{text}'?", "How many words does this have: {text}"],
+    "acronym": ["Write the first letter of each word in capitals: {text}", "Make an acronym from: {text}",
+                "Acronym of '{text}'?", "Initials of: {text}"],
+    "sort_words": ["Sort these words alphabetically: {text}", "Alphabetise: {text}",
+                   "Put in alphabetical order: {text}", "Order the words A to Z: {text}"],
+}
+
+WORDS = (
+    "apple river stone cloud bright quiet garden planet silver winter summer yellow orange purple "
+    "forest ocean mountain valley desert island candle window mirror ladder pencil bottle basket "
+    "rabbit turtle falcon tiger zebra monkey spider dragon castle bridge engine rocket signal "
+    "market school doctor farmer sailor artist number letter circle square little gentle simple "
+    "happy brave clever swift calm proud kind early later under over after before inside outside "
+    "coffee butter honey lemon pepper tomato potato carrot melon cherry banana grape kettle blanket "
+    "thunder shadow meadow harbor lantern compass anchor feather pillow marble velvet copper"
+).split()
+
+
+def _math(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+    op = rng.choice(tuple(_MATH_TEMPLATES))
+    if op == "mul":
+        da, db = {1: (1, 1), 2: (2, 1), 3: (2, 2)}[difficulty]
+    else:
+        da = db = {1: 2, 2: 3, 3: 4}[difficulty]
+    a = rng.randint(10 ** (da - 1), 10**da - 1)
+    b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+    spec = {"kind": "arith", "op": op, "a": a, "b": b}
+    answer = expected_answer(spec)
+    prompt = rng.choice(_MATH_TEMPLATES[op]).format(a=a, b=b)
+    target = answer
+    if difficulty > 1 and rng.random() < steps_frac:
+        prompt += rng.choice(_STEPS_SUFFIX)
+        target = f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+    return {"prompt": prompt, "answer": answer, "target": target, "task": op, "verifier": spec}
+
+
+def worked_steps(op: str, a: int, b: int) -> str:
+    """Place-value worked steps, e.g. `34 * 27 = 34 * 20 + 34 * 7 = 680 + 238 = 918`."""
+    parts = [int(d) * 10**i for i, d in enumerate(reversed(str(b))) if d != "0"][::-1] or [0]
+    sym = _OPS[op]
+    if op == "mul":
+        products = [a * p for p in parts]
+        terms = " + ".join(f"{a} * {p}" for p in parts)
+        return f"{a} * {b} = {terms} = {' + '.join(map(str, products))} = {a * b}"
+    lines, acc = [], a
+    for p in parts:
+        nxt = acc + p if op == "add" else acc - p
+        lines.append(f"{acc} {sym} {p} = {nxt}")
+        acc = nxt
+    return "; ".join(lines)
+
+
+def _code(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+    expr, value = build_expression(rng, difficulty)
+    spec = {"kind": "code", "expr": expr}
+    answer = repr(value)
+    prompt = rng.choice(_CODE_TEMPLATES).format(src=render(expr))
+    return {"prompt": prompt, "answer": answer, "target": answer, "task": expr[0] if expr[0] != "call" else expr[1],
+            "verifier": spec}
+
+
+def _numbers(rng: random.Random, difficulty: int, n: int) -> list[int]:
+    hi = {1: 20, 2: 100, 3: 1000}[difficulty]
+    return [rng.randint(0, hi) for _ in range(n)]
+
+
+def _reasoning(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+    task = rng.choice(tuple(_REASONING_TEMPLATES))
+    n = 2 + difficulty + rng.randint(0, difficulty)
+    spec: dict[str, Any] = {"kind": "reasoning", "task": task}
+    fields: dict[str, Any] = {}
+    if task == "greater":
+        a, b = _numbers(rng, difficulty, 2)
+        while a == b:
+            b = _numbers(rng, difficulty, 1)[0]
+        spec["items"] = [a, b]
+        fields = {"a": a, "b": b}
+    elif task == "next":
+        rule = rng.choice({1: ["arith"], 2: ["arith", "alt"], 3: ["arith", "alt", "geom"]}[difficulty])
+        if rule == "geom":
+            start, ratio = rng.randint(1, 5), rng.randint(2, 3)
+            items = [start * ratio**i for i in range(4)]
+        elif rule == "alt":
+            s1, s2, d1 = rng.randint(1, 20), rng.randint(30, 60), rng.randint(1, 5)
+            items = [s1 + d1 * (i // 2) if i % 2 == 0 else s2 - d1 * (i // 2) for i in range(5)]
+        else:
+            start, step = rng.randint(0, 10 * difficulty), rng.randint(1, 3 * difficulty + 2)
+            items = [start + step * i for i in range(4)]
+        spec.update(items=items, rule=rule)
+        fields = {"items": ", ".join(map(str, items))}
+    else:
+        items = _numbers(rng, difficulty, n)
+        spec["items"] = items
+        fields = {"items": ", ".join(map(str, items))}
+        if task == "sort":
+            order = rng.choice(["asc", "desc"])
+            spec["order"] = order
+            fields["order"] = {"asc": "ascending", "desc": "descending"}[order]
+        if task == "count_gt":
+            spec["threshold"] = fields["t"] = rng.choice(items)
+    prompt = rng.choice(_REASONING_TEMPLATES[task]).format(**fields)
+    answer = expected_answer(spec)
+    return {"prompt": prompt, "answer": answer, "target": answer, "task": task, "verifier": spec}
+
+
+def _writing(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+    task = rng.choice(tuple(_WRITING_TEMPLATES))
+    single = task in ("reverse", "count_letter", "length")
+    n_words = 1 if single else 1 + difficulty + rng.randint(0, 1)
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    if single and difficulty == 3:
+        words = [words[0] + rng.choice(WORDS)]
+    text = " ".join(words)
+    spec: dict[str, Any] = {"kind": "writing", "task": task, "text": text}
+    fields = {"text": text}
+    if task == "count_letter":
+        spec["letter"] = fields["letter"] = rng.choice(text)
+    prompt = rng.choice(_WRITING_TEMPLATES[task]).format(**fields)
+    answer = expected_answer(spec)
+    return {"prompt": prompt, "answer": answer, "target": answer, "task": task, "verifier": spec}
+
+
+GENERATORS: dict[str, Callable[[random.Random, int, float], Record]] = {
+    "math": _math, "code": _code, "reasoning": _reasoning, "writing": _writing,
+}
+
+
+def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
+                   domains: tuple[str, ...] = DOMAINS) -> list[Record]:
+    """`n_per_domain` raw records per domain, equally spread over difficulties 1..3.
+
+    Deterministic for a given seed: each (domain, difficulty) cell draws from its own RNG, so
+    changing one domain's count leaves the others' records unchanged.
+    """
+    records: list[Record] = []
+    for domain in domains:
+        for difficulty in DIFFICULTIES:
+            rng = random.Random(f"{seed}/{domain}/{difficulty}")
+            count = n_per_domain // len(DIFFICULTIES) + (difficulty <= n_per_domain % len(DIFFICULTIES))
+            for _ in range(count):
+                rec = GENERATORS[domain](rng, difficulty, steps_frac)
+                records.append({"domain": domain, "difficulty": difficulty, **rec})
+    return records

@@ -1,0 +1,198 @@
+"""Data-validation gates: Great Expectations suites kept in `gates/<suite>.json`.
+
+A gate loads the file(s), derives the columns a suite needs (prefixed `_`, e.g. whether each
+answer re-verifies), validates with GX, writes GX Data Docs under `reports/gates/<suite>/`
+and a JSON summary, and reports each failed expectation with example rows (file:line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from quillan.data.filters import normalize_text
+from quillan.data.verify import verify_record
+from tasks.common import REPORTS_DIR, ROOT, read_jsonl, write_json
+from tasks.params import Params
+
+GATES_DIR = ROOT / "gates"
+MAX_EXAMPLES = 3
+
+
+class GateError(RuntimeError):
+    """A gate failed; str() is the readable report."""
+
+
+@dataclass
+class GateResult:
+    suite: str
+    success: bool
+    rows: int
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    docs: str = ""
+
+    def report(self) -> str:
+        head = f"gate '{self.suite}': {'PASSED' if self.success else 'FAILED'} on {self.rows} rows"
+        lines = [head]
+        for f in self.failures:
+            lines.append(f"  ✗ {f['why']} — {f['expectation']}({f['column'] or ''}): "
+                         f"{f['unexpected_count']} row(s)")
+            for ex in f["examples"]:
+                lines.append(f"      {ex}")
+        if self.docs:
+            lines.append(f"  Data Docs: {self.docs}")
+        return "\n".join(lines)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def default_tokenizer(paths: list[Path]) -> Path | None:
+    """`data/tokenizer.json` for files in `data/generated/`: the tokenizer one level up, if any."""
+    cand = Path(paths[0]).resolve().parent.parent / "tokenizer.json"
+    return cand if cand.exists() else None
+
+
+def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Rows of the given split files plus derived columns, and the suite parameters.
+
+    Leakage is checked against every split file in the same directories (train/val/test),
+    so validating train.jsonl alone still sees val and test. Token lengths are recounted with
+    `tokenizer` when given (else the rows' recorded `n_tokens` are trusted).
+    """
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        for lineno, row in enumerate(read_jsonl(path), 1):
+            rows.append({**row, "_file": Path(path).name, "_line": lineno})
+    df = pd.DataFrame(rows)
+    for col in ("id", "prompt", "answer", "target", "domain", "difficulty", "verifier"):
+        if col not in df.columns:
+            df[col] = None
+    df["_prompt_is_str"] = df["prompt"].map(_is_str)
+    df["_answer_is_str"] = df["answer"].map(_is_str)
+    df["_n_chars"] = [len(p if _is_str(p) else "") + len(t if _is_str(t) else "")
+                      for p, t in zip(df["prompt"], df["target"])]
+    df["_n_tokens"] = _token_counts(df, tokenizer)
+    df["_prompt_key"] = df["prompt"].map(lambda p: normalize_text(p) if _is_str(p) else "")
+    df["_in_other_split"] = _leaked(df, paths)
+    df["_verified"] = [verify_record(r) for r in df[["prompt", "answer", "target", "verifier"]].to_dict("records")]
+    domains = params.data.domains
+    share = df["domain"].map(df["domain"].value_counts(normalize=True)).fillna(0.0)
+    df["_domain_share_deviation"] = (share - 1.0 / len(domains)).abs()
+    cfg = params.data
+    suite_params = {"min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "min_tokens": cfg.min_tokens,
+                    "max_tokens": cfg.max_tokens, "max_domain_share_deviation": cfg.max_domain_share_deviation}
+    return df, suite_params
+
+
+def _token_counts(df: pd.DataFrame, tok_path: Path | None) -> list[int]:
+    texts = [(p if _is_str(p) else "") + "\n" + (t if _is_str(t) else "") for p, t in zip(df["prompt"], df["target"])]
+    if tok_path is None:
+        return [int(n) if isinstance(n, (int, float)) and n == n else 0 for n in df.get("n_tokens", [0] * len(df))]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    return [len(e.ids) for e in tok.encode_batch(texts)]
+
+
+def _leaked(df: pd.DataFrame, paths: list[Path]) -> list[bool]:
+    files = {Path(p).resolve() for p in paths}
+    siblings = {q.resolve() for p in paths for q in Path(p).parent.glob("*.jsonl")}
+    keys_by_file: dict[str, set[str]] = {}
+    for f in sorted(files | siblings):
+        if f in files:
+            keys = set(df.loc[df["_file"] == f.name, "_prompt_key"])
+        else:
+            keys = {normalize_text(r["prompt"]) for r in read_jsonl(f) if _is_str(r.get("prompt"))}
+        keys_by_file[f.name] = keys
+    out = []
+    for fname, key in zip(df["_file"], df["_prompt_key"]):
+        out.append(any(key in keys for other, keys in keys_by_file.items() if other != fname))
+    return out
+
+
+DERIVERS: dict[str, Callable[..., tuple[pd.DataFrame, dict[str, Any]]]] = {"data": data_frame}
+
+
+def load_suite(name: str):
+    """The GX ExpectationSuite stored in gates/<name>.json."""
+    import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    path = GATES_DIR / f"{name}.json"
+    spec = json.loads(path.read_text())
+    suite = gx.ExpectationSuite(name=spec["name"], meta=spec.get("meta", {}))
+    for e in spec["expectations"]:
+        conf = ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"], meta=e.get("meta", {}))
+        suite.add_expectation_configuration(conf)
+    return suite
+
+
+def _examples(df: pd.DataFrame, indices: list[int]) -> list[str]:
+    out = []
+    for i in indices[:MAX_EXAMPLES]:
+        row = df.iloc[i]
+        prompt = row["prompt"] if _is_str(row["prompt"]) else repr(row["prompt"])
+        out.append(f"{row['_file']}:{row['_line']} id={row['id']} prompt={prompt[:60]!r} answer={row['answer']!r}")
+    return out
+
+
+def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Path | None = None,
+             tokenizer: Path | None = None) -> GateResult:
+    """Validate files against a suite; never raises for failing data (see `GateResult.success`).
+
+    `tokenizer` defaults to `default_tokenizer(paths)`.
+    """
+    if suite_name not in DERIVERS:
+        raise ValueError(f"unknown suite {suite_name!r} (one of: {', '.join(sorted(DERIVERS))})")
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p}: file not found")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+
+    df, suite_params = DERIVERS[suite_name](paths, params, tokenizer or default_tokenizer(paths))
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = {"globally": False}
+    docs_dir = REPORTS_DIR / "gates" / suite_name
+    ctx.add_data_docs_site(site_name="quillan", site_config={
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    asset = ctx.data_sources.add_pandas("quillan").add_dataframe_asset(suite_name)
+    batch_def = asset.add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(load_suite(suite_name))
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite))
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name=f"gate-{suite_name}", validation_definitions=[vd],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")],
+        result_format={"result_format": "COMPLETE"}))
+    res = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=suite_params)
+    failures = []
+    for vr in res.run_results.values():
+        for r in vr.results:
+            if r.success:
+                continue
+            conf = r.expectation_config
+            idx = list(r.result.get("unexpected_index_list") or [])
+            failures.append({
+                "expectation": conf.type, "column": conf.kwargs.get("column"),
+                "why": (conf.meta or {}).get("why", conf.type.replace("_", " ")),
+                "unexpected_count": int(r.result.get("unexpected_count") or len(idx)),
+                "examples": _examples(df, idx) if idx else [json.dumps(r.result.get("observed_value"), default=str)],
+            })
+    result = GateResult(suite=suite_name, success=bool(res.success), rows=len(df), failures=failures,
+                        docs=str(docs_dir / "index.html"))
+    if report_path is not None:
+        write_json(report_path, {"suite": suite_name, "success": result.success, "rows": result.rows,
+                                 "files": [str(Path(p)) for p in paths], "failures": failures})
+    return result

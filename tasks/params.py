@@ -1,0 +1,116 @@
+"""The pipeline's one typed config: library defaults < preset file < params.yaml < overrides.
+
+`params.yaml` names a preset (`presets/<name>.yaml`, data files that DVC tracks) and may
+override any key of it. Unknown keys, wrong types and out-of-range values raise `ConfigError`
+with one line per problem naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quillan.data import DataConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = ROOT / "presets"
+PARAMS_FILE = ROOT / "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is one line per problem."""
+
+
+class Params(BaseModel):
+    """Everything `params.yaml` may hold. Sections are the stages' configs."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str = Field(description="name of a file in presets/ (smoke, cpu, gpu)")
+    seed: int = Field(0, ge=0, description="master seed; every stage derives its RNGs from it")
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `override`, recursing into dicts; neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` inside a nested dict, creating levels as needed."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def display_path(path: Path) -> str:
+    """The path relative to the working directory when it lies below it (shorter messages)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{display_path(path)}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{display_path(path)}: not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{display_path(path)}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+            continue
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""
+        lines.append(f"{source}: {key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_params(params_file: Path | str = PARAMS_FILE, *, preset: str | None = None,
+                overrides: dict[str, Any] | None = None, presets_dir: Path = PRESETS_DIR) -> Params:
+    """The validated config. `preset` replaces params.yaml's `preset:`; `overrides` are dotted keys."""
+    params_file = Path(params_file)
+    user = _read_yaml(params_file)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(user, dotted, value)
+    name = preset or user.get("preset")
+    names = available_presets(presets_dir)
+    if not name:
+        raise ConfigError(f"{display_path(params_file)}: missing key 'preset' (one of: {', '.join(names)})")
+    if name not in names:
+        raise ConfigError(f"{display_path(params_file)}: preset: unknown preset {name!r} (one of: {', '.join(names)})")
+    preset_path = presets_dir / f"{name}.yaml"
+    base = _read_yaml(preset_path)
+    try:  # a preset must itself be valid, so its errors name its own file
+        Params.model_validate({**base, "preset": name})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, display_path(preset_path))) from None
+    merged = deep_merge(base, user)
+    merged["preset"] = name
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, display_path(params_file))) from None

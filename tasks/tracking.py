@@ -1,0 +1,138 @@
+"""MLflow bookkeeping for stages: one parent run per pipeline run, one nested run per stage.
+
+Default store: sqlite `mlflow.db` at the repo root with artifacts in `mlartifacts/`;
+`MLFLOW_TRACKING_URI` overrides it. A stage finds its parent through the environment
+variable `QUILLAN_PARENT_RUN_ID`, set by the Prefect flow; run alone, a stage's run is
+top-level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from tasks.common import ROOT, numeric_leaves
+
+EXPERIMENT = "quillan"
+PARENT_ENV = "QUILLAN_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+
+
+def _mlflow():
+    import mlflow  # ~2 s import: only stages that log pay for it
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def experiment_id() -> str:
+    """Id of the `quillan` experiment, created with artifacts under mlartifacts/ if missing."""
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if tracking_uri().startswith("sqlite:"):
+        artifacts = (ROOT / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except Exception:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_hashes(paths: list[str]) -> dict[str, str]:
+    """DVC's md5 of each input: files hashed here (DVC 3 hashes file bytes), directories
+    taken from dvc.lock (their `.dir` hash); missing paths are skipped."""
+    locked: dict[str, str] = {}
+    lock = ROOT / "dvc.lock"
+    if lock.exists():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for entry in stage.get("outs", []) + stage.get("deps", []):
+                if "md5" in entry:
+                    locked[entry["path"]] = entry["md5"]
+    out = {}
+    for rel in paths:
+        p = ROOT / rel
+        if p.is_file():
+            out[rel] = file_md5(p)
+        elif p.is_dir() and rel in locked:
+            out[rel] = locked[rel]
+    return out
+
+
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+class StageRun:
+    """Handle given to a stage: log metrics/artifacts into its MLflow run."""
+
+    def __init__(self, mlflow, run):
+        self.mlflow, self.run = mlflow, run
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.mlflow.log_metrics(numeric_leaves(metrics), step=step)
+
+    def log_artifact(self, path: Path | str, subdir: str | None = None) -> None:
+        if Path(path).exists():
+            self.mlflow.log_artifact(str(path), artifact_path=subdir)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any], inputs: list[str]) -> Iterator[StageRun]:
+    """An MLflow run for one stage with its params, git commit and input hashes logged."""
+    mlflow = _mlflow()
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"quillan.stage": stage, "mlflow.source.git.commit": git_commit()}
+    for rel, md5 in dvc_hashes(inputs).items():
+        tags[f"dvc.md5.{rel}"] = md5
+    with mlflow.start_run(experiment_id=experiment_id(), run_name=stage, parent_run_id=parent,
+                          nested=parent is not None, tags=tags) as run:
+        mlflow.log_params(flat_params(params))
+        yield StageRun(mlflow, run)
+
+
+@contextlib.contextmanager
+def pipeline_run(preset: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """The parent run of a whole pipeline run; yields its id (exported to stages via env)."""
+    mlflow = _mlflow()
+    with mlflow.start_run(experiment_id=experiment_id(), run_name=f"pipeline-{preset}",
+                          tags={"quillan.preset": preset, "mlflow.source.git.commit": git_commit(), **(tags or {})}) as run:
+        yield run.info.run_id

@@ -1,0 +1,38 @@
+from collections import Counter
+
+from quillan.data import DataConfig, build_dataset
+from quillan.data.filters import normalize_text
+from quillan.data.generators import generate_tasks
+from quillan.data.splits import split_records
+from quillan.data.tokenizer import special_ids, train_tokenizer, training_text
+
+
+def test_splits_disjoint_stratified_and_complete():
+    rows = generate_tasks(300, seed=2)
+    rows.append(dict(rows[0]))  # a repeated prompt must land in one split only
+    splits = split_records(rows, val_frac=0.1, test_frac=0.1, seed=0)
+    keys = {name: {normalize_text(r["prompt"]) for r in part} for name, part in splits.items()}
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert sum(len(p) for p in splits.values()) == len(rows)
+    per_cell = Counter((r["domain"], r["difficulty"]) for r in splits["test"])
+    assert len(per_cell) == 12 and max(per_cell.values()) - min(per_cell.values()) <= 2
+
+
+def test_tokenizer_splits_digits_one_per_token_and_round_trips():
+    rows = generate_tasks(150, seed=0)
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=400)
+    enc = tok.encode("What is 1234 + 56?")
+    digits = [t for t in enc.tokens if any(c.isdigit() for c in t)]
+    assert digits == ["1", "2", "3", "4", "5", "6"]
+    assert tok.decode(enc.ids) == "What is 1234 + 56?"
+    assert special_ids(tok) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+    assert tok.get_vocab_size() <= 400
+
+
+def test_build_dataset_tokenizer_trained_on_train_only_and_deterministic():
+    cfg = DataConfig(n_per_domain=90, vocab_size=320)
+    a, b = build_dataset(cfg, seed=0), build_dataset(cfg, seed=0)
+    assert a.splits == b.splits
+    assert a.tokenizer.to_str() == b.tokenizer.to_str()
+    assert all(r["n_tokens"] <= cfg.max_tokens for part in a.splits.values() for r in part)
+    assert a.report.as_dict()["kept"] == sum(len(p) for p in a.splits.values())

@@ -1,0 +1,82 @@
+"""End to end on the smoke preset: the Prefect flow, dvc repro, MLflow, and the data gate."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def _lock(root):
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+
+
+def _outs(lock, stage):
+    return {o["path"]: o["md5"] for o in lock[stage]["outs"]}
+
+
+def test_pipeline_flow_dvc_and_gate(project):
+    root, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+
+    # 1. The Prefect flow runs every stage through DVC, under one parent MLflow run.
+    flow = run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke"], root, env)
+    assert "generate=ran" in flow.stdout + flow.stderr
+    for rel in ("data/generated/train.jsonl", "data/generated/val.jsonl", "data/generated/test.jsonl",
+                "data/tokenizer.json", "metrics/generate.json", "plots/generate_lengths.png",
+                "reports/gates/data.json", "reports/gates/data/index.html"):
+        assert (root / rel).exists(), rel
+    lock = _lock(root)
+    assert set(lock) >= {"generate", "gate_data"}
+    metrics = json.loads((root / "metrics/generate.json").read_text())
+    assert metrics["splits"]["train"]["count"] > metrics["splits"]["test"]["count"] > 0
+    assert set(metrics["splits"]["train"]["by_domain"]) == {"math", "code", "reasoning", "writing"}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["quillan"])
+    parent = runs[runs["tags.mlflow.runName"] == "pipeline-smoke"]
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert set(children["tags.mlflow.runName"]) == {"generate", "gate_data"}
+    gen = children[children["tags.mlflow.runName"] == "generate"].iloc[0]
+    assert gen["metrics.splits/train/count"] == metrics["splits"]["train"]["count"]
+    assert len(gen["tags.mlflow.source.git.commit"]) == 40
+
+    # 2. Nothing changed: dvc repro runs nothing.
+    again = run(dvc + ["repro"], root, env)
+    assert "Running stage" not in again.stdout
+    assert "didn't change" in again.stdout
+
+    # 3. Forced through plain dvc repro: byte-identical outputs (deterministic stage).
+    run(dvc + ["repro", "--force", "generate"], root, env)
+    assert _outs(_lock(root), "generate") == _outs(lock, "generate")
+
+    # 4. Bad data: the gate names every fault and dvc repro stops with a non-zero exit.
+    path = root / "data/generated/train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows.append(dict(rows[0]))
+    rows[1]["answer"] = ""
+    rows[2]["answer"] = rows[2]["answer"] + "9"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    failed = run(dvc + ["repro", "--single-item", "gate_data"], root, env, check=False)
+    assert failed.returncode != 0
+    err = failed.stdout + failed.stderr
+    assert "duplicate prompt" in err and "empty answer" in err and "answer fails its verifier" in err
+    assert "train.jsonl:3 " in err  # the wrong answer, by line
+    assert _lock(root)["gate_data"] == lock["gate_data"]  # the failed gate recorded nothing
+
+
+def test_config_error_stops_before_any_stage(project):
+    root, env = project
+    (root / "params.yaml").write_text("preset: smoke\ndata:\n  n_per_domain: -5\n")
+    proc = run([sys.executable, "-m", "flows.cli", "run"], root, env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "config error: params.yaml: data.n_per_domain: Input should be greater than or equal to 3 (got -5)"
+    assert not (root / "data/generated").exists() and not (root / "dvc.lock").exists()
