@@ -1,0 +1,119 @@
+"""BitNet b1.58 layers: absmean ternary weights, per-token 8-bit activations, STE.
+
+Formulas: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits"
+(arXiv:2402.17764), eq. 1-3 (weights) and BitNet (arXiv:2310.11453) §2 (activations).
+The gradual λ interpolation between full-precision and ternary weights is seed note 004.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-5
+
+
+def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization (BitNet b1.58, eq. 1-3).
+
+    Returns `q` (int8 in {-1, 0, 1}, same shape as `w`) and `scale` (float, shape `()` or
+    `(out_features, 1)` when `per_channel`), with `w ≈ scale * q`:
+    `scale = mean(|w|)`, `q = RoundClip(w / (scale + eps), -1, 1)`.
+    """
+    if per_channel:
+        scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    else:
+        scale = w.abs().mean()
+    q = (w / (scale + eps)).round().clamp_(-1, 1).to(torch.int8)
+    return q, scale
+
+
+def activation_quantize(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax quantization to 8 bits (BitNet §2).
+
+    `q = Clip(round(x * 127 / max|x|), -128, 127)` as int8 over the last dim; `scale` has shape
+    `x.shape[:-1] + (1,)` and undoes it: `x ≈ q * scale` (`scale = max|x| / 127`).
+    """
+    absmax = x.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    q = (x * (127.0 / absmax)).round().clamp_(-128, 127).to(torch.int8)
+    return q, absmax / 127.0
+
+
+def _ste(x: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
+    """Forward `x_quant`, backward identity (straight-through estimator)."""
+    return x + (x_quant - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """A linear layer trained towards ternary weights and 8-bit activations.
+
+    In training the effective weight is `(1 - lam) * w + lam * scale * q` with q, scale from
+    `ternary_quantize(w)` behind a straight-through estimator, so gradients reach `w`.
+    In eval mode only the ternary weights `scale * q` are used (the deployable model).
+    `quantize=False` turns the layer into a plain `nn.Linear` (the full-precision reference).
+    Activation quantization (`act_quant`) is independent of `lam`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, per_channel: bool = False,
+                 act_quant: bool = True, quantize: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.per_channel = per_channel
+        self.act_quant = act_quant
+        self.quantize = quantize
+        self.lam = 1.0
+
+    def ternary_weight(self) -> torch.Tensor:
+        """`scale * q`: the dequantized ternary weight, float, shape (out, in)."""
+        q, scale = ternary_quantize(self.weight, self.per_channel)
+        return q.to(self.weight.dtype) * scale
+
+    def effective_weight(self) -> torch.Tensor:
+        if not self.quantize:
+            return self.weight
+        if not self.training:
+            return self.ternary_weight()
+        if self.lam <= 0.0:
+            return self.weight
+        w_q = _ste(self.weight, self.ternary_weight())
+        return w_q if self.lam >= 1.0 else (1.0 - self.lam) * self.weight + self.lam * w_q
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.quantize and self.act_quant):
+            return x
+        q, scale = activation_quantize(x.detach())
+        return _ste(x, q.to(x.dtype) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, lam={self.lam}, quantize={self.quantize}, "
+                f"act_quant={self.act_quant}, per_channel={self.per_channel}")
+
+
+def bit_linears(model: nn.Module) -> list[BitLinear]:
+    return [m for m in model.modules() if isinstance(m, BitLinear)]
+
+
+def set_lambda(model: nn.Module, lam: float) -> int:
+    """Set λ on every BitLinear of `model`; returns how many layers were set."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    layers = bit_linears(model)
+    for m in layers:
+        m.lam = float(lam)
+    return len(layers)
+
+
+@torch.no_grad()
+def weight_sparsity(model: nn.Module) -> float:
+    """Share of ternary weights that are 0 over all quantizing BitLinears (0.0 if none)."""
+    zeros = total = 0
+    for m in bit_linears(model):
+        if not m.quantize:
+            continue
+        q, _ = ternary_quantize(m.weight, m.per_channel)
+        zeros += int((q == 0).sum())
+        total += q.numel()
+    return zeros / total if total else 0.0

@@ -1,0 +1,171 @@
+"""The council feed-forward: an overseer routing over mini-MoEs, each with top-2 SwiGLU experts
+and a bank of micro agents (seed notes 000 and 001).
+
+Shapes: tokens are flattened to N = B·T rows of width D. The overseer gives α (N, M) over M
+council members and keeps the top `council_top_k`; member m's router gives β (N, E) over its
+experts and keeps the top `expert_top_k`. A token's output is
+    Σ_{m ∈ top(α)} α'_m · ( Σ_{e ∈ top(β_m)} β'_{m,e} · expert_{m,e}(x) + micro_m(x) )
+with α', β' renormalised over the kept entries. Only selected experts run: assignments are
+sorted by expert and each expert runs once on its group of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quillan.bitnet import BitLinear
+
+
+def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer auxiliary loss (Fedus et al. 2021, eq. 4-6), scaled by num_experts.
+
+    probs (N, E) router softmax, topk_idx (N, k) chosen experts. `E · Σ_i f_i · P_i` where
+    f_i is the share of assignments to expert i and P_i its mean probability; 1.0 when uniform.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(0, topk_idx.reshape(-1), torch.ones_like(topk_idx.reshape(-1), dtype=probs.dtype))
+    f = counts / topk_idx.numel()
+    return num_experts * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean of logsumexp(logits)^2."""
+    if logits.numel() == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def _topk_renorm(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, idx = probs.topk(k, dim=-1)
+    return vals / vals.sum(dim=-1, keepdim=True).clamp(min=1e-9), idx
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020) of BitLinear layers: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int, **bitlinear_kw):
+        super().__init__()
+        self.w1 = BitLinear(dim, hidden, **bitlinear_kw)
+        self.w3 = BitLinear(dim, hidden, **bitlinear_kw)
+        self.w2 = BitLinear(hidden, dim, **bitlinear_kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class CouncilStats:
+    """What one council layer reports for losses and logging."""
+
+    council_probs: torch.Tensor   # (N, M) overseer α, for the CCRL entropy bonus
+    aux_loss: torch.Tensor        # load balancing, overseer + mean over members
+    z_loss: torch.Tensor          # router z-loss, overseer + member routers
+    expert_counts: torch.Tensor   # (M, E) token assignments per expert in this call
+
+
+class CouncilFFN(nn.Module):
+    """Overseer → M mini-MoEs (E SwiGLU experts, top-k) + P micro agents per member (PEER-style)."""
+
+    def __init__(self, dim: int, n_council: int, council_top_k: int, n_experts: int, expert_top_k: int,
+                 expert_hidden: int, n_micro: int = 0, micro_top_k: int = 0, micro_key_dim: int = 32,
+                 **bitlinear_kw):
+        super().__init__()
+        self.M, self.kc, self.E, self.ke = n_council, council_top_k, n_experts, expert_top_k
+        self.P, self.kp = n_micro, micro_top_k
+        # Routers stay in full precision (seed note 000: "Overseer FP16").
+        self.overseer = nn.Linear(dim, n_council, bias=False)
+        self.routers = nn.Linear(dim, n_council * n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(dim, expert_hidden, **bitlinear_kw)
+                                     for _ in range(n_council * n_experts))
+        if n_micro > 0:
+            # PEER (He 2024, "Mixture of A Million Experts"): single-neuron experts u_i, v_i
+            # retrieved by query-key scores; only the top-k rows of u and v are gathered.
+            self.micro_query = BitLinear(dim, n_council * micro_key_dim, **bitlinear_kw)
+            self.micro_keys = nn.Parameter(torch.randn(n_council, n_micro, micro_key_dim) / micro_key_dim**0.5)
+            self.micro_down = nn.Parameter(torch.randn(n_council, n_micro, dim) / dim**0.5)
+            self.micro_up = nn.Parameter(torch.zeros(n_council, n_micro, dim))
+            self.key_dim = micro_key_dim
+        self.expert_calls = 0  # how many expert forward calls ran (tests count dispatch)
+
+    def route(self, xs: torch.Tensor):
+        """Routing for flat tokens xs (N, D): overseer probs/logits, kept members, expert picks."""
+        ov_logits = self.overseer(xs)                                   # (N, M)
+        alpha = ov_logits.float().softmax(dim=-1).to(xs.dtype)
+        a_w, a_idx = _topk_renorm(alpha, self.kc)                       # (N, kc)
+        r_logits = self.routers(xs).view(-1, self.M, self.E)            # (N, M, E)
+        sel_logits = r_logits.gather(1, a_idx[..., None].expand(-1, -1, self.E))  # (N, kc, E)
+        beta = sel_logits.float().softmax(dim=-1).to(xs.dtype)
+        b_w, b_idx = _topk_renorm(beta, self.ke)                        # (N, kc, ke)
+        return ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx
+
+    def _micro(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """Micro-agent output of one member for its tokens x (n, D)."""
+        q = self.micro_query(x).view(-1, self.M, self.key_dim)[:, member]   # (n, dk)
+        scores = q @ self.micro_keys[member].T                                 # (n, P)
+        s, idx = scores.topk(self.kp, dim=-1)                                  # (n, kp)
+        g = s.float().softmax(dim=-1).to(x.dtype)
+        u = self.micro_down[member][idx]                                       # (n, kp, D)
+        v = self.micro_up[member][idx]
+        h = F.gelu(torch.einsum("nd,nkd->nk", x, u)) * g
+        return torch.einsum("nk,nkd->nd", h, v)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, CouncilStats]:
+        shape = x.shape
+        xs = x.reshape(-1, shape[-1])
+        N = xs.shape[0]
+        ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx = self.route(xs)
+        out = torch.zeros_like(xs)
+        # Expert dispatch: one flat list of (token, global expert, weight) assignments.
+        weights = (a_w[..., None] * b_w).reshape(-1)                          # (N·kc·ke,)
+        experts = (a_idx[..., None] * self.E + b_idx).reshape(-1)
+        tokens = torch.arange(N, device=x.device).repeat_interleave(self.kc * self.ke)
+        order = experts.argsort(stable=True)
+        experts, tokens, weights = experts[order], tokens[order], weights[order]
+        counts = torch.bincount(experts, minlength=self.M * self.E)
+        for e, (tok, w) in enumerate(zip(tokens.split(counts.tolist()), weights.split(counts.tolist()))):
+            if tok.numel() == 0:
+                continue
+            self.expert_calls += 1
+            out.index_add_(0, tok, self.experts[e](xs[tok]) * w[:, None])
+        # Micro agents and per-member load balancing, grouped by member.
+        member_lb = []
+        for m in range(self.M):
+            hit = (a_idx == m)                                                # (N, kc)
+            rows, slot = hit.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            member_lb.append(load_balancing_loss(beta[rows, slot], b_idx[rows, slot], self.E))
+            if self.P > 0:
+                out.index_add_(0, rows, self._micro(xs[rows], m) * a_w[rows, slot][:, None])
+        aux = load_balancing_loss(alpha, a_idx, self.M)
+        if member_lb:
+            aux = aux + torch.stack(member_lb).mean()
+        stats = CouncilStats(council_probs=alpha, aux_loss=aux,
+                             z_loss=router_z_loss(ov_logits) + router_z_loss(sel_logits),
+                             expert_counts=counts.view(self.M, self.E).detach())
+        return out.view(shape), stats
+
+    @torch.no_grad()
+    def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference: the same function computed token by token (for tests)."""
+        xs = x.reshape(-1, x.shape[-1])
+        _, _, a_w, a_idx, _, _, b_w, b_idx = self.route(xs)
+        rows = []
+        for n in range(xs.shape[0]):
+            y = torch.zeros_like(xs[n])
+            for c in range(self.kc):
+                m = int(a_idx[n, c])
+                member = torch.zeros_like(xs[n])
+                for j in range(self.ke):
+                    member += b_w[n, c, j] * self.experts[m * self.E + int(b_idx[n, c, j])](xs[n : n + 1])[0]
+                if self.P > 0:
+                    member += self._micro(xs[n : n + 1], m)[0]
+                y += a_w[n, c] * member
+            rows.append(y)
+        return torch.stack(rows).view(x.shape)

@@ -1,0 +1,95 @@
+import torch
+from torch import nn
+
+from quillan.bitnet import BitLinear, activation_quantize, set_lambda, ternary_quantize, weight_sparsity
+from quillan.config import QuillanConfig
+from quillan.model import Quillan
+
+
+def test_ternary_quantize_hand_case_per_tensor():
+    w = torch.tensor([[0.5, -1.0], [0.1, 2.0]])
+    q, scale = ternary_quantize(w)
+    assert torch.isclose(scale, torch.tensor(0.9))
+    # w / 0.9 = [0.556, -1.111, 0.111, 2.222] → round → [1, -1, 0, 2] → clip → [1, -1, 0, 1]
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[1, -1], [0, 1]]
+
+
+def test_ternary_quantize_hand_case_per_channel():
+    w = torch.tensor([[0.5, -1.0], [0.1, 2.0]])
+    q, scale = ternary_quantize(w, per_channel=True)
+    assert torch.allclose(scale.squeeze(1), torch.tensor([0.75, 1.05]))
+    assert q.tolist() == [[1, -1], [0, 1]]  # 0.1 / 1.05 rounds to 0
+
+
+def test_activation_quantize_hand_case():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    q, scale = activation_quantize(x)
+    # row 0: absmax 2 → x * 63.5 = [63.5, -127, 31.75] → round-half-even → [64, -127, 32]
+    assert q.dtype == torch.int8
+    assert q[0].tolist() == [64, -127, 32]
+    assert torch.isclose(scale[0, 0], torch.tensor(2.0 / 127))
+    assert q[1].tolist() == [0, 0, 0]  # all-zero token: eps guards the division
+    assert torch.allclose(q.float() * scale, x, atol=2.0 / 127 / 2 + 1e-6)
+
+
+def test_lambda_zero_without_act_quant_equals_linear_exactly():
+    torch.manual_seed(0)
+    bl = BitLinear(16, 8, bias=True, act_quant=False)
+    bl.lam = 0.0
+    lin = nn.Linear(16, 8, bias=True)
+    lin.load_state_dict(bl.state_dict())
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(bl(x), lin(x))
+
+
+def test_lambda_one_uses_exactly_three_weight_values():
+    torch.manual_seed(0)
+    bl = BitLinear(32, 16)
+    bl.lam = 1.0
+    w = bl.effective_weight()
+    _, scale = ternary_quantize(bl.weight)
+    values = set(torch.unique(w).tolist())
+    assert len(values) == 3
+    assert torch.allclose(torch.tensor(sorted(values)), torch.tensor([-1.0, 0.0, 1.0]) * scale)
+
+
+def test_lambda_interpolates_and_eval_is_ternary():
+    torch.manual_seed(0)
+    bl = BitLinear(8, 4)
+    bl.lam = 0.25
+    expected = 0.75 * bl.weight + 0.25 * bl.ternary_weight()
+    assert torch.allclose(bl.effective_weight(), expected)
+    bl.eval()
+    assert torch.equal(bl.effective_weight(), bl.ternary_weight())
+    ref = BitLinear(8, 4, quantize=False).eval()
+    assert torch.equal(ref.effective_weight(), ref.weight)  # the FP reference stays FP in eval
+
+
+def test_ste_passes_gradients_to_full_precision_weights():
+    torch.manual_seed(0)
+    bl = BitLinear(6, 3, act_quant=True)
+    bl.lam = 1.0
+    x = torch.randn(4, 6, requires_grad=True)
+    bl(x).sum().backward()
+    q, s = activation_quantize(x.detach())
+    # d/dW sum(x_q W_q^T) with the STE is grad_out^T @ x_q = column sums of the quantized input
+    assert torch.allclose(bl.weight.grad, (q.float() * s).sum(0).expand(3, 6), atol=1e-6)
+    assert torch.allclose(x.grad, bl.ternary_weight().sum(0).expand(4, 6), atol=1e-6)
+
+
+def test_set_lambda_reaches_every_bitlinear_and_sparsity():
+    model = Quillan(QuillanConfig.preset("smoke"))
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    assert set_lambda(model, 0.3) == len(layers) > 10
+    assert all(m.lam == 0.3 for m in layers)
+    zeros = sum(int((ternary_quantize(m.weight)[0] == 0).sum()) for m in layers)
+    total = sum(m.weight.numel() for m in layers)
+    assert weight_sparsity(model) == zeros / total
+    assert 0.2 < weight_sparsity(model) < 0.5  # Gaussian init: P(|w| < mean|w|/2) ≈ 0.31
+    try:
+        set_lambda(model, 1.5)
+    except ValueError as e:
+        assert "[0, 1]" in str(e)
+    else:
+        raise AssertionError("λ = 1.5 accepted")
