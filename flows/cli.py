@@ -79,6 +79,20 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    from quillan.config import PRESETS, QuillanConfig
+    from quillan.model import model_summary
+
+    names = [args.preset] if args.preset else list(PRESETS)
+    print("| preset | parameters | active per token | ternary (BitLinear) | FP32 size | packed size |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        s = model_summary(QuillanConfig.preset(name))
+        print(f"| `{name}` | {s['parameters']:,} | {s['active_parameters']:,} | {s['ternary_parameters']:,} | "
+              f"{s['fp32_bytes'] / 2**20:,.1f} MiB | {s['packed_bytes'] / 2**20:,.1f} MiB |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks import STAGES
 
@@ -111,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", parents=[common], help="print the resolved, validated config")
     c.add_argument("--preset", help="resolve with this preset instead of params.yaml's")
     c.set_defaults(func=cmd_config)
+    mi = sub.add_parser("model-info", help="parameter counts and sizes of the model presets (meta device, no memory)")
+    mi.add_argument("preset", nargs="?", help="one model preset (default: all)")
+    mi.set_defaults(func=cmd_model_info)
     return p
 
 

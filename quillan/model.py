@@ -327,8 +327,8 @@ class Quillan(nn.Module):
         return seq
 
     def num_parameters(self, active_only: bool = False) -> int:
-        """Parameter count; with active_only, those used for one token (selected experts and
-        micro agents only; tied embeddings counted once)."""
+        """Parameter count; with active_only, those used for one token: the selected experts and
+        micro agents only, one row of an untied input embedding (a tied one is the output head)."""
         total = sum(p.numel() for p in self.parameters())
         if not active_only:
             return total
@@ -342,9 +342,8 @@ class Quillan(nn.Module):
             inactive += per_expert * (cfg.n_council * cfg.n_experts - cfg.council_top_k * cfg.expert_top_k)
             if cfg.n_micro > 0:
                 inactive += 2 * cfg.dim * (cfg.n_council * cfg.n_micro - cfg.council_top_k * cfg.micro_top_k)
-        inactive += cfg.vocab_size * cfg.dim - cfg.dim  # one embedding row is read per token
-        if not cfg.tie_embeddings:
-            inactive -= 0  # the untied head is fully used for the output distribution
+        if not cfg.tie_embeddings:  # one input-embedding row per token; a tied matrix is the full head
+            inactive += cfg.vocab_size * cfg.dim - cfg.dim
         return total - inactive
 
 
@@ -366,3 +365,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def model_summary(cfg: QuillanConfig) -> dict[str, int | float]:
+    """Parameter counts and sizes of a config, built on the meta device (nothing allocated).
+
+    Bytes: FP32 = 4 per parameter; packed = BitLinear weights at 1.6 bits plus the rest in FP16.
+    """
+    from quillan.bitnet import bit_linears
+
+    with torch.device("meta"):
+        model = Quillan(cfg)
+    total = model.num_parameters()
+    ternary = sum(m.weight.numel() for m in bit_linears(model))
+    return {"parameters": total, "active_parameters": model.num_parameters(active_only=True),
+            "ternary_parameters": ternary, "fp32_bytes": 4 * total,
+            "packed_bytes": int(ternary * 1.6 / 8 + (total - ternary) * 2)}

@@ -101,7 +101,7 @@ def test_parameter_counts_and_gpu_preset_on_meta():
         gpu = Quillan(QuillanConfig.preset("gpu"))
     assert all(p.is_meta for p in gpu.parameters())
     assert gpu.num_parameters() == 410_665_472
-    assert gpu.num_parameters(active_only=True) == 23_863_808
+    assert gpu.num_parameters(active_only=True) == 49_594_880
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -123,3 +123,12 @@ def test_sampling_filters():
     assert draws == {0, 1}
     draws = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)}
     assert draws == {0}  # p(0) ≈ 0.71 alone reaches 0.5
+
+
+def test_active_parameters_by_hand_on_smoke():
+    cfg = QuillanConfig.preset("smoke")
+    m = Quillan(cfg)
+    per_expert = 3 * cfg.dim * cfg.expert_hidden
+    # per council layer: 2·4 experts, 1 member × 2 experts active; 2·8 micro agents (u, v), 1 × 2 active
+    inactive = cfg.n_layers * (per_expert * (8 - 2) + 2 * cfg.dim * (16 - 2))
+    assert m.num_parameters(active_only=True) == m.num_parameters() - inactive

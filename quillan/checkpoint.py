@@ -1,0 +1,69 @@
+"""Model directories: `model.safetensors` + `config.json` (+ `tokenizer.json`). No pickles.
+
+Layout shared by models/train/, models/grpo/ and anything that loads a Quillan model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+
+from quillan.config import QuillanConfig
+from quillan.model import Quillan
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing a file or holds something that does not fit."""
+
+
+def save_model_dir(directory: Path | str, model: Quillan, tokenizer: Tokenizer | None = None) -> None:
+    """Write weights, config and tokenizer into `directory` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(directory / TOKENIZER), pretty=True)
+
+
+def load_config(directory: Path | str) -> QuillanConfig:
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan model directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
+    unknown = set(data) - QuillanConfig.field_names()
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config keys {sorted(unknown)}")
+    try:
+        return QuillanConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_model_dir(directory: Path | str, device: str | torch.device = "cpu") -> tuple[Quillan, Tokenizer | None]:
+    """The model (eval mode) and its tokenizer (None if the directory has none)."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    model = Quillan(cfg)
+    weights = directory / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: file not found")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{weights}: cannot read weights ({type(e).__name__}: {e})") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match {directory / CONFIG}: "
+                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    tok_path = directory / TOKENIZER
+    tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
+    return model.to(device).eval(), tokenizer
