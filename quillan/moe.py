@@ -110,8 +110,8 @@ class CouncilFFN(nn.Module):
         scores = q @ self.micro_keys[member].T                                 # (n, P)
         s, idx = scores.topk(self.kp, dim=-1)                                  # (n, kp)
         g = s.float().softmax(dim=-1).to(x.dtype)
-        u = self.micro_down[member][idx]                                       # (n, kp, D)
-        v = self.micro_up[member][idx]
+        u = F.embedding(idx, self.micro_down[member])                          # (n, kp, D), gathered rows only
+        v = F.embedding(idx, self.micro_up[member])
         h = F.gelu(torch.einsum("nd,nkd->nk", x, u)) * g
         return torch.einsum("nk,nkd->nd", h, v)
 
@@ -132,7 +132,8 @@ class CouncilFFN(nn.Module):
             if tok.numel() == 0:
                 continue
             self.expert_calls += 1
-            out.index_add_(0, tok, self.experts[e](xs[tok]) * w[:, None])
+            # index_select, not xs[tok]: its backward is index_add, not a sorting index_put.
+            out.index_add_(0, tok, self.experts[e](xs.index_select(0, tok)) * w[:, None])
         # Micro agents and per-member load balancing, grouped by member.
         member_lb = []
         for m in range(self.M):
@@ -140,9 +141,12 @@ class CouncilFFN(nn.Module):
             rows, slot = hit.nonzero(as_tuple=True)
             if rows.numel() == 0:
                 continue
-            member_lb.append(load_balancing_loss(beta[rows, slot], b_idx[rows, slot], self.E))
+            flat = rows * self.kc + slot  # row of the (N·kc, ...) views
+            member_lb.append(load_balancing_loss(beta.reshape(-1, self.E).index_select(0, flat),
+                                                 b_idx.reshape(-1, self.ke)[flat], self.E))
             if self.P > 0:
-                out.index_add_(0, rows, self._micro(xs[rows], m) * a_w[rows, slot][:, None])
+                gate = a_w.reshape(-1).index_select(0, flat)
+                out.index_add_(0, rows, self._micro(xs.index_select(0, rows), m) * gate[:, None])
         aux = load_balancing_loss(alpha, a_idx, self.M)
         if member_lb:
             aux = aux + torch.stack(member_lb).mean()
