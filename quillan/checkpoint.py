@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from quillan.config import QuillanConfig
@@ -26,10 +26,19 @@ def save_model_dir(directory: Path | str, model: Quillan, tokenizer: Tokenizer |
     """Write weights, config and tokenizer into `directory` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_file(state_for_saving(model), str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
+
+
+def state_for_saving(model: Quillan) -> dict[str, torch.Tensor]:
+    """The state dict without the tied head (it is the embedding), contiguous, in sorted order:
+    the same weights always give the same file bytes."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("head.weight", None)
+    return {k: sd[k].detach().contiguous() for k in sorted(sd)}
 
 
 def load_config(directory: Path | str) -> QuillanConfig:
@@ -58,12 +67,20 @@ def load_model_dir(directory: Path | str, device: str | torch.device = "cpu") ->
     if not weights.exists():
         raise CheckpointError(f"{weights}: file not found")
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights}: cannot read weights ({type(e).__name__}: {e})") from None
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state["head.weight"] = state["embed.weight"]
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{weights}: does not match {directory / CONFIG}: "
-                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{weights}: does not match {directory / CONFIG}: {str(e).splitlines()[-1].strip()}") from None
     tok_path = directory / TOKENIZER
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
     return model.to(device).eval(), tokenizer

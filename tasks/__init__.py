@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("generate",)
+STAGES = ("generate", "calibrate", "train")
 
 
 def run_stage(name: str, params) -> dict:

@@ -11,10 +11,17 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import typing
+from typing import Literal, Optional
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from quillan.calibrate import CalibrateConfig
+from quillan.config import PRESETS as MODEL_PRESETS
+from quillan.config import QuillanConfig
 from quillan.data import DataConfig
+from quillan.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = ROOT / "presets"
@@ -25,6 +32,28 @@ class ConfigError(ValueError):
     """A configuration problem; str() is one line per problem."""
 
 
+def _model_params_base():
+    hints = typing.get_type_hints(QuillanConfig)
+    fields = {name: (Optional[hints[name]], None) for name in QuillanConfig.field_names()}
+    return create_model("ModelFields", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+class ModelParams(_model_params_base()):
+    """`model:`: a QuillanConfig preset plus any of its fields (vocab_size comes from the tokenizer)."""
+
+    preset: Literal[tuple(MODEL_PRESETS)] = "cpu"  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelParams":
+        self.build()  # contradictions (e.g. top-k > experts) fail at load time
+        return self
+
+    def build(self, **overrides) -> QuillanConfig:
+        """The QuillanConfig: preset, then the keys set here, then `overrides`."""
+        set_keys = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        return QuillanConfig.preset(self.preset, **{**set_keys, **overrides})
+
+
 class Params(BaseModel):
     """Everything `params.yaml` may hold. Sections are the stages' configs."""
 
@@ -32,6 +61,9 @@ class Params(BaseModel):
     preset: str = Field(description="name of a file in presets/ (smoke, cpu, gpu)")
     seed: int = Field(0, ge=0, description="master seed; every stage derives its RNGs from it")
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelParams = Field(default_factory=ModelParams)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

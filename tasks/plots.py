@@ -31,3 +31,35 @@ def save_histograms(path: Path, series: dict[str, Sequence[float]], title: str, 
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def save_lines(path: Path, series: dict[str, Sequence[tuple[float, float]]], title: str, xlabel: str,
+               ylabel: str) -> Path:
+    """One line per named series of (x, y) points."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in series.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name, marker="o" if len(pts) < 20 else None)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def save_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3 + 0.3 * len(matrix)))
+    im = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    fig.colorbar(im, ax=ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -1,0 +1,138 @@
+"""Calibration: activation and weight statistics per layer, and the per-module precision plan.
+
+The plan says which modules stay in full precision (embeddings, norms, output head, routers —
+seed note 002 "layer-wise precision preservation", seed note 000 "overseer FP16") and which go
+ternary (every BitLinear). The export stage reads the same plan and the activation scales.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from quillan.bitnet import BitLinear, ternary_quantize
+from quillan.model import RMSNorm
+from quillan.moe import CouncilFFN
+
+# Seed note 002, "Size-adaptive compression": (upper bound on parameters, sparsity threshold).
+SPARSITY_TABLE = ((50_000_000, 0.05), (500_000_000, 0.10), (2_000_000_000, 0.15), (math.inf, 0.20))
+
+
+class CalibrateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sample_size: int = Field(256, ge=1, description="calibration records, stratified by domain × difficulty")
+    batch_size: int = Field(32, ge=1)
+    percentiles: list[float] = Field(default_factory=lambda: [50.0, 99.0, 99.9],
+                                     description="percentiles of |activation| per layer input")
+    checkpoint: str | None = Field(None, description="model directory to calibrate (default: the fresh init train starts from)")
+
+
+def sparsity_threshold(n_params: int) -> float:
+    """Size-adaptive sparsity threshold by parameter count (seed note 002's table)."""
+    return next(t for bound, t in SPARSITY_TABLE if n_params < bound)
+
+
+def stratified_sample(records: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `size` records, the same share from every (domain, difficulty) cell, deterministic."""
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in records:
+        cells[(r["domain"], r["difficulty"])].append(r)
+    keys = sorted(cells)
+    per_cell, extra = divmod(min(size, len(records)), len(keys))
+    out = []
+    for i, key in enumerate(keys):
+        rows = list(cells[key])
+        random.Random(f"{seed}/calib/{key}").shuffle(rows)
+        out.extend(rows[: per_cell + (i < extra)])
+    return out
+
+
+def module_precision(module: nn.Module) -> str | None:
+    """'ternary' for BitLinear, 'fp16' for other modules that own parameters, None otherwise."""
+    if isinstance(module, BitLinear):
+        return "ternary" if module.quantize else "fp16"
+    if any(True for _ in module.parameters(recurse=False)):
+        return "fp16"
+    return None
+
+
+def precision_plan(model: nn.Module) -> dict[str, str]:
+    """{module name: precision} for every module that owns parameters (the head shares the
+    embedding when tied; it is listed under both names)."""
+    plan = {}
+    for name, module in model.named_modules():
+        p = module_precision(module)
+        if p is not None:
+            plan[name] = p
+    return plan
+
+
+def _module_kind(m: nn.Module) -> str:
+    if isinstance(m, CouncilFFN):
+        return "micro_agents"
+    if isinstance(m, RMSNorm):
+        return "norm"
+    return type(m).__name__
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                  percentiles: list[float], max_samples: int = 200_000) -> dict[str, dict[str, Any]]:
+    """Per parameterised module: input-activation absmax and |x| percentiles (over the
+    calibration tokens, padding excluded), weight absmean, the share of weights absmean
+    rounding zeroes, and the layer's precision."""
+    acts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    hooks, plan = [], precision_plan(model)
+    current_mask: list[torch.Tensor] = []
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            x = inputs[0]
+            if not torch.is_floating_point(x):
+                return
+            if x.dim() == 3 and current_mask and x.shape[:2] == current_mask[0].shape:
+                x = x[current_mask[0].bool()]
+            acts[name].append(x.detach().abs().reshape(-1).float())
+        return fn
+
+    for name, m in model.named_modules():
+        if name in plan and isinstance(m, (nn.Linear, RMSNorm)):
+            hooks.append(m.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            current_mask[:] = [batch["attention_mask"]]
+            model(batch["input_ids"], batch["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    stats: dict[str, dict[str, Any]] = {}
+    modules = dict(model.named_modules())
+    for name, precision in plan.items():
+        m = modules[name]
+        entry: dict[str, Any] = {"kind": _module_kind(m), "precision": precision,
+                                 "parameters": sum(p.numel() for p in m.parameters(recurse=False))}
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            absmean = float(weight.abs().mean())
+            q, _ = ternary_quantize(weight)
+            entry.update(weight_absmean=absmean, weight_absmax=float(weight.abs().max()),
+                         zero_share=float((q == 0).float().mean()))
+        if acts.get(name):
+            a = torch.cat(acts[name])
+            if a.numel() > max_samples:  # torch.quantile's input limit; a fixed stride keeps it deterministic
+                a = a[:: math.ceil(a.numel() / max_samples)]
+            entry["act_absmax"] = float(a.max())
+            for pct in percentiles:
+                entry[f"act_p{pct:g}"] = float(torch.quantile(a, pct / 100.0))
+            entry["act_scale"] = entry["act_absmax"] / 127.0  # static INT8 scale for export
+        stats[name] = entry
+    return stats

@@ -1,0 +1,1 @@
+"""Training: tokenized datasets and samplers, schedules, and the Lightning module (imported lazily)."""

@@ -1,0 +1,48 @@
+"""`TrainConfig`: the knobs of the `train` stage, documented per field (units in the description)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from quillan.train.schedules import LambdaSchedule
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int = Field(900, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="sequences per step (global, split across devices)")
+    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak (cosine)")
+    lr_warmup_steps: int = Field(50, ge=0, description="linear LR warmup, steps")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay on ≥2-D weights")
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    lambda_schedule: LambdaSchedule = Field("linear", description="λ warmup shape (seed note 004)")
+    warmup_frac: float = Field(0.4, ge=0, le=1, description="share of steps over which λ goes 0 → 1")
+    aux_loss_weight: float = Field(0.01, ge=0, description="MoE load-balancing loss weight")
+    z_loss_weight: float = Field(0.001, ge=0, description="router z-loss weight")
+    diffusion_loss_weight: float = Field(0.1, ge=0, description="denoising loss weight")
+    val_every: int = Field(100, ge=1, description="validate every N steps (and at the end)")
+    val_batches: int = Field(8, ge=1, description="validation batches per check")
+    checkpoint_every: int = Field(100, ge=1, description="resumable checkpoint every N steps")
+    log_every: int = Field(10, ge=1, description="MLflow/Lightning logging interval, steps")
+    fp_reference: bool = Field(False, description="also train a full-precision reference (λ = 0)")
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    accelerator: Literal["cpu", "gpu", "cuda", "auto"] = "cpu"
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    init_checkpoint: str | None = Field(None, description="model directory to start from (default: fresh init)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.lr_warmup_steps >= self.max_steps:
+            raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) must be < max_steps ({self.max_steps})")
+        if self.batch_size % (self.devices * self.num_nodes):
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by devices × num_nodes "
+                             f"({self.devices * self.num_nodes})")
+        if self.precision == "16-mixed" and self.accelerator == "cpu":
+            raise ValueError("precision '16-mixed' needs a GPU; use 'bf16-mixed' or '32-true' on the CPU")
+        return self

@@ -1,0 +1,79 @@
+"""Tokenized records for causal-LM training: `<bos> prompt \\n target <eos>`, loss on target+eos."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset, Sampler
+
+from quillan.data.tokenizer import prompt_text, special_ids
+
+IGNORE = -100
+
+
+class TokenizedRecords(Dataset):
+    """Each item: (ids list[int], n_prompt int) — ids = bos + prompt + target + eos, truncated
+    to max_len; the first n_prompt ids are context (no loss)."""
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Tokenizer, max_len: int):
+        sp = special_ids(tokenizer)
+        prompts = tokenizer.encode_batch([prompt_text(r) for r in records])
+        targets = tokenizer.encode_batch([r["target"] for r in records])
+        self.items = []
+        for p, t in zip(prompts, targets):
+            ids = ([sp["bos"]] + p.ids + t.ids + [sp["eos"]])[:max_len]
+            self.items.append((ids, min(1 + len(p.ids), len(ids) - 1)))
+        self.pad_id = sp["pad"]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` (B, T) and `labels` (B, T): labels[t] is the
+    next token where it belongs to the target (or eos), else -100."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE)
+    for i, (ids, n_prompt) in enumerate(batch):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        mask[i, : len(ids)] = 1
+        labels[i, n_prompt - 1 : len(ids) - 1] = t[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for optimizer steps [start_step, total_steps): batch s is a pure function of
+    (seed, s), so a run resumed at step k sees exactly the batches an uninterrupted run would.
+
+    Epoch e = s // steps_per_epoch uses permutation(seed, e). With world_size > 1, each rank
+    takes its slice of the global batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size > n:
+            raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} rows)")
+        self.n, self.bs, self.total, self.seed = n, batch_size, total_steps, seed
+        self.start, self.rank, self.world = start_step, rank, world_size
+        self.per_epoch = n // batch_size
+
+    def batch_indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        batch = perm[k * self.bs : (k + 1) * self.bs].tolist()
+        return batch[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            yield self.batch_indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)

@@ -1,0 +1,29 @@
+"""Held-out loss of a model on tokenized records (no Lightning)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from quillan.model import Quillan
+from quillan.train.data import IGNORE, TokenizedRecords, collate
+
+
+@torch.no_grad()
+def evaluate_loss(model: Quillan, data: TokenizedRecords, batch_size: int = 64) -> dict[str, float]:
+    """Token-weighted mean cross-entropy (nats) over answer tokens, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], data.pad_id)
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+        labels = batch["labels"].reshape(-1)
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels,
+                                       ignore_index=IGNORE, reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 30.0)), "tokens": count}
