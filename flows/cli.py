@@ -31,10 +31,14 @@ def _load(args) -> "object":
 
 
 def cmd_stage(args) -> int:
-    from tasks import run_stage
+    from tasks import StageError, run_stage
 
     params = _load(args)
-    run_stage(args.name, params)
+    try:
+        run_stage(args.name, params)
+    except StageError as e:
+        print(f"stage {args.name} failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -63,7 +67,7 @@ def cmd_validate(args) -> int:
     if args.mlflow:
         from tasks.tracking import stage_run
 
-        with stage_run(f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]},
+        with stage_run(args.run_name or f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]},
                        [str(p) for p in paths]) as tracker:
             tracker.log_metrics({"gate": {"success": int(result.success), "rows": result.rows,
                                           "failed_expectations": len(result.failures)}})
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", help="file(s) to validate, e.g. data/generated/train.jsonl")
     v.add_argument("--report", help="also write a JSON summary here")
     v.add_argument("--mlflow", action="store_true", help="log the gate's result as an MLflow run")
+    v.add_argument("--run-name", help="MLflow run name (default: gate_<suite>)")
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("config", parents=[common], help="print the resolved, validated config")

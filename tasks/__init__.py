@@ -10,8 +10,20 @@ import importlib
 STAGES = ("generate", "calibrate", "train")
 
 
+class StageError(RuntimeError):
+    """A stage stopped on bad input or a fault it detected; str() is the one-line reason."""
+
+
 def run_stage(name: str, params) -> dict:
-    """Run one stage by name; raises KeyError for an unknown stage."""
+    """Run one stage by name. Expected failures (bad or missing input files, corrupt models,
+    non-finite training) are re-raised as StageError with a message naming the file or step."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r} (one of: {', '.join(STAGES)})")
-    return importlib.import_module(f"tasks.{name}").run(params)
+    from quillan.checkpoint import CheckpointError
+
+    module = importlib.import_module(f"tasks.{name}")
+    expected = (FileNotFoundError, CheckpointError, ValueError) + getattr(module, "FAILURES", ())
+    try:
+        return module.run(params)
+    except expected as e:
+        raise StageError(str(e)) from e

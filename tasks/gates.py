@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import torch
 
 from quillan.data.filters import normalize_text
 from quillan.data.verify import verify_record
@@ -72,6 +74,8 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
         for lineno, row in enumerate(read_jsonl(path), 1):
             rows.append({**row, "_file": Path(path).name, "_line": lineno})
     df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame({"_file": pd.Series(dtype=str), "_line": pd.Series(dtype=int)})
     for col in ("id", "prompt", "answer", "target", "domain", "difficulty", "verifier"):
         if col not in df.columns:
             df[col] = None
@@ -86,6 +90,9 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
     domains = params.data.domains
     share = df["domain"].map(df["domain"].value_counts(normalize=True)).fillna(0.0)
     df["_domain_share_deviation"] = (share - 1.0 / len(domains)).abs()
+    df["_where"] = [f"{f}:{n}" for f, n in zip(df["_file"], df["_line"])]
+    df["_show"] = [f"id={i} prompt={(p if _is_str(p) else repr(p))[:60]!r} answer={a!r}"
+                   for i, p, a in zip(df["id"], df["prompt"], df["answer"])]
     cfg = params.data
     suite_params = {"min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "min_tokens": cfg.min_tokens,
                     "max_tokens": cfg.max_tokens, "max_domain_share_deviation": cfg.max_domain_share_deviation}
@@ -118,7 +125,6 @@ def _leaked(df: pd.DataFrame, paths: list[Path]) -> list[bool]:
     return out
 
 
-DERIVERS: dict[str, Callable[..., tuple[pd.DataFrame, dict[str, Any]]]] = {"data": data_frame}
 
 
 def load_suite(name: str):
@@ -135,13 +141,52 @@ def load_suite(name: str):
     return suite
 
 
+def calibration_frame(paths: list[Path], params: Params, tokenizer: Path | None = None):
+    """One row per module the model has (calibration.json's `modules`): is it in the plan, with
+    a known precision and finite statistics?"""
+    path = Path(paths[0])
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    plan, layers = report.get("plan", {}), report.get("layers", {})
+    rows = []
+    for name in report.get("modules", []):
+        stats = layers.get(name, {})
+        numbers = [v for v in stats.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        rows.append({"module": name, "precision": plan.get(name), "_in_plan": name in plan,
+                     "_has_stats": bool(stats), "_finite": all(math.isfinite(v) for v in numbers),
+                     "_where": f"{path.name}: {name}", "_show": json.dumps(stats)[:100]})
+    return pd.DataFrame(rows or [{"module": None, "precision": None, "_in_plan": False, "_has_stats": False,
+                                  "_finite": False, "_where": path.name, "_show": "no modules listed"}]), {}
+
+
+def model_frame(paths: list[Path], params: Params, tokenizer: Path | None = None):
+    """One row per weight tensor of each model directory given (and of its `reference/`, if
+    any): the directory loads, and every value is finite."""
+    from quillan.checkpoint import CheckpointError, load_model_dir
+
+    rows = []
+    dirs = [Path(p) for p in paths]
+    dirs += [d / "reference" for d in dirs if (d / "reference" / "config.json").exists()]
+    for directory in dirs:
+        try:
+            model, tok = load_model_dir(directory)
+        except CheckpointError as e:
+            rows.append({"tensor": None, "_loads": False, "_finite": False, "_where": str(directory), "_show": str(e)[:200]})
+            continue
+        for name, t in sorted(model.state_dict().items()):
+            rows.append({"tensor": name, "_loads": True, "_finite": bool(torch.isfinite(t).all()),
+                         "_where": f"{directory}: {name}", "_show": f"shape={tuple(t.shape)}"})
+    return pd.DataFrame(rows), {}
+
+
+DERIVERS: dict[str, Callable[..., tuple[pd.DataFrame, dict[str, Any]]]] = {
+    "data": data_frame, "calibration": calibration_frame, "model": model_frame}
+
+
 def _examples(df: pd.DataFrame, indices: list[int]) -> list[str]:
-    out = []
-    for i in indices[:MAX_EXAMPLES]:
-        row = df.iloc[i]
-        prompt = row["prompt"] if _is_str(row["prompt"]) else repr(row["prompt"])
-        out.append(f"{row['_file']}:{row['_line']} id={row['id']} prompt={prompt[:60]!r} answer={row['answer']!r}")
-    return out
+    return [f"{df.iloc[i]['_where']} {df.iloc[i]['_show']}" for i in indices[:MAX_EXAMPLES]]
 
 
 def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Path | None = None,
@@ -159,7 +204,8 @@ def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Pa
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
 
-    df, suite_params = DERIVERS[suite_name](paths, params, tokenizer or default_tokenizer(paths))
+    tok = tokenizer or (default_tokenizer(paths) if suite_name == "data" else None)
+    df, suite_params = DERIVERS[suite_name](paths, params, tok)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
     docs_dir = REPORTS_DIR / "gates" / suite_name

@@ -43,6 +43,9 @@ class TrainingFailed(RuntimeError):
     """Training stopped (non-finite loss or gradient); the message says where and what was kept."""
 
 
+FAILURES = (TrainingFailed,)
+
+
 def _rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
 
@@ -86,6 +89,16 @@ def _atomic_checkpoint_callback(directory: Path, every: int, max_steps: int):
     return AtomicCheckpoint()
 
 
+def lightning_strategy(name: str):
+    """Lightning strategy for a params name. DDP must look for unused parameters: on any one
+    rank, experts no token was routed to get no gradient, and plain DDP would wait forever."""
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return name
+
+
 def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_set, run_id: str | None,
             reference: bool) -> tuple[torch.nn.Module, dict]:
     """Train one model (resuming from its checkpoint if any); returns (model, history)."""
@@ -116,7 +129,7 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
         logger = MLFlowLogger(tracking_uri=tracking_uri(), run_id=run_id, prefix="reference" if reference else "")
     trainer = L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, precision=cfg.precision, gradient_clip_val=cfg.grad_clip,
+        strategy=lightning_strategy(cfg.strategy), precision=cfg.precision, gradient_clip_val=cfg.grad_clip,
         val_check_interval=cfg.val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=cfg.val_batches, logger=logger, callbacks=callbacks, enable_checkpointing=False,
         log_every_n_steps=cfg.log_every, deterministic=cfg.accelerator == "cpu", use_distributed_sampler=False,

@@ -21,12 +21,23 @@ def project(tmp_path):
 
     Returns (root, env): run commands with cwd=root and env=env so the copy's code is used.
     """
-    root = tmp_path / "quillan"
+    return make_project(tmp_path / "quillan")
+
+
+@pytest.fixture(scope="module")
+def generated_project(tmp_path_factory):
+    """A project copy (smoke preset) in which `generate` and its gate have already run."""
+    root, env = make_project(tmp_path_factory.mktemp("proj") / "quillan")
+    run([sys.executable, "-m", "dvc", "repro", "gate_data"], root, env)
+    return root, env
+
+
+def make_project(root: Path):
     for rel in _project_files():
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(SRC / rel, dest)
-    for out in ("dvc.lock", "metrics", "reports", "plots", "data/generated", "data/tokenizer.json"):
+    for out in ("dvc.lock", "metrics", "reports", "plots", "models", "data/generated", "data/tokenizer.json"):
         p = root / out
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     params = root / "params.yaml"

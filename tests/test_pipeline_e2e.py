@@ -31,7 +31,12 @@ def test_pipeline_flow_dvc_and_gate(project):
                 "reports/gates/data.json", "reports/gates/data/index.html"):
         assert (root / rel).exists(), rel
     lock = _lock(root)
-    assert set(lock) >= {"generate", "gate_data"}
+    assert set(lock) >= {"generate", "gate_data", "calibrate", "gate_calibration", "train", "gate_train"}
+    train_metrics = json.loads((root / "metrics/train.json").read_text())
+    assert train_metrics["ternary"]["val_loss"] < 6.0 and "reference" in train_metrics
+    for rel in ("models/train/model.safetensors", "models/train/reference/model.safetensors", "models/calibration.json",
+                "plots/train_loss.png", "plots/train_lambda.png", "plots/train_expert_load.png"):
+        assert (root / rel).exists(), rel
     metrics = json.loads((root / "metrics/generate.json").read_text())
     assert metrics["splits"]["train"]["count"] > metrics["splits"]["test"]["count"] > 0
     assert set(metrics["splits"]["train"]["by_domain"]) == {"math", "code", "reasoning", "writing"}
@@ -43,7 +48,8 @@ def test_pipeline_flow_dvc_and_gate(project):
     parent = runs[runs["tags.mlflow.runName"] == "pipeline-smoke"]
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
-    assert set(children["tags.mlflow.runName"]) == {"generate", "gate_data"}
+    assert set(children["tags.mlflow.runName"]) == {"generate", "gate_data", "calibrate", "gate_calibration",
+                                                    "train", "gate_train"}
     gen = children[children["tags.mlflow.runName"] == "generate"].iloc[0]
     assert gen["metrics.splits/train/count"] == metrics["splits"]["train"]["count"]
     assert len(gen["tags.mlflow.source.git.commit"]) == 40

@@ -1,0 +1,59 @@
+"""The train stage as users run it: resume after a kill, non-finite stop, two-process DDP."""
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+STAGE = [sys.executable, "-m", "flows.cli", "stage", "train", "--set", "train.fp_reference=false"]
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_killed_run_resumes_to_the_same_weights(generated_project):
+    root, env = generated_project
+    out = root / "models" / "train"
+    run(STAGE, root, env)
+    uninterrupted = _md5(out / "model.safetensors")
+    assert not (out / "checkpoints").exists()  # removed on success
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    proc = subprocess.Popen(STAGE, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "ternary" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (out / "model.safetensors").exists()  # killed mid-run, nothing final
+    resumed = run(STAGE, root, env)
+    assert "resuming ternary" in resumed.stdout
+    assert _md5(out / "model.safetensors") == uninterrupted
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generated_project):
+    root, env = generated_project
+    subprocess.run(["rm", "-rf", str(root / "models" / "train")], check=True)
+    proc = run(STAGE + ["--set", "train.lr=100", "--set", "train.checkpoint_every=2"], root, env, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("stage train failed: ternary: non-finite loss") and "at step 4" in last
+    assert "last good checkpoint kept: models/train/checkpoints/ternary/last.ckpt" in last
+    assert (root / "models/train/checkpoints/ternary/last.ckpt").exists()
+    assert not (root / "models/train/model.safetensors").exists()
+
+
+def test_two_process_cpu_ddp_completes(generated_project):
+    root, env = generated_project
+    subprocess.run(["rm", "-rf", str(root / "models" / "train")], check=True)
+    proc = run(STAGE + ["--set", "train.strategy=ddp", "--set", "train.devices=2", "--set", "train.max_steps=8"],
+               root, env)
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    assert (root / "models/train/model.safetensors").exists()

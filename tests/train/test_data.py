@@ -1,0 +1,38 @@
+import pytest
+
+from quillan.data.generators import generate_tasks
+from quillan.data.tokenizer import train_tokenizer, training_text
+from quillan.train.data import IGNORE, StepBatchSampler, TokenizedRecords, collate
+
+
+def test_labels_cover_target_and_eos_only():
+    rows = generate_tasks(30, seed=0)
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
+    ds = TokenizedRecords(rows[:2], tok, max_len=128)
+    batch = collate([ds[0], ds[1]], ds.pad_id)
+    ids, n_prompt = ds[0]
+    target = tok.encode(rows[0]["target"]).ids + [tok.token_to_id("<eos>")]
+    labels = batch["labels"][0]
+    assert labels[labels != IGNORE].tolist() == target
+    # label at position t is the token at t+1: the first supervised position is the last prompt token
+    assert int((labels != IGNORE).nonzero()[0]) == n_prompt - 1
+    assert batch["attention_mask"][0].sum() == len(ids)
+    assert batch["input_ids"].shape[1] == max(len(ds[0][0]), len(ds[1][0]))
+
+
+def test_step_batches_are_a_function_of_the_step():
+    s = StepBatchSampler(n=100, batch_size=10, total_steps=50, seed=3)
+    again = StepBatchSampler(n=100, batch_size=10, total_steps=50, seed=3, start_step=20)
+    assert list(again)[0] == s.batch_indices(20)
+    epoch0 = [i for step in range(10) for i in s.batch_indices(step)]
+    assert sorted(epoch0) == list(range(100))  # an epoch sees every row once
+    assert s.batch_indices(10) != s.batch_indices(0)  # a new permutation per epoch
+
+
+def test_ranks_split_the_global_batch():
+    full = StepBatchSampler(n=64, batch_size=8, total_steps=5, seed=0).batch_indices(2)
+    r0 = StepBatchSampler(n=64, batch_size=8, total_steps=5, seed=0, rank=0, world_size=2).batch_indices(2)
+    r1 = StepBatchSampler(n=64, batch_size=8, total_steps=5, seed=0, rank=1, world_size=2).batch_indices(2)
+    assert sorted(r0 + r1) == sorted(full) and not set(r0) & set(r1)
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        StepBatchSampler(n=4, batch_size=8, total_steps=5, seed=0)

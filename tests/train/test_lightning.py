@@ -1,0 +1,75 @@
+"""Lightning module behaviour on tiny data: learning, λ reaching layers, non-finite stops."""
+
+import lightning as L
+import pytest
+import torch
+
+from quillan.bitnet import BitLinear
+from quillan.config import QuillanConfig
+from quillan.data.generators import generate_tasks
+from quillan.data.tokenizer import train_tokenizer, training_text
+from quillan.train.config import TrainConfig
+from quillan.train.data import TokenizedRecords
+from quillan.train.lightning import LambdaWarmup, NonFiniteError, QuillanDataModule, QuillanLightning
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rows = generate_tasks(12, seed=0)[:8]
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=300, min_frequency=1)
+    return TokenizedRecords(rows, tok, 64), tok.get_vocab_size()
+
+
+def _fit(tiny, reference, steps=40, callbacks=(), **train_kw):
+    data, vocab = tiny
+    cfg = TrainConfig(max_steps=steps, batch_size=8, lr=5e-3, lr_warmup_steps=2, val_every=steps, val_batches=1,
+                      log_every=1, warmup_frac=0.2, **train_kw)
+    module = QuillanLightning(QuillanConfig.preset("smoke", vocab_size=vocab, diffusion_steps=0), cfg, seed=0,
+                              reference=reference)
+    losses = []
+
+    class Rec(L.Callback):
+        def on_train_batch_end(self, trainer, pl, out, batch, i):
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    cbs = [Rec(), *callbacks] + ([] if reference else [LambdaWarmup(steps, cfg.warmup_frac, cfg.lambda_schedule)])
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
+                        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=QuillanDataModule(data, data, cfg, seed=0))
+    return module, losses
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_loss_decreases_when_overfitting_one_batch(tiny, reference):
+    module, losses = _fit(tiny, reference)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    layers = [m for m in module.model.modules() if isinstance(m, BitLinear)]
+    if reference:
+        assert all(not m.quantize and m.lam == 0.0 for m in layers)
+    else:
+        assert all(m.quantize and m.lam == 1.0 for m in layers)  # λ reached every BitLinear
+
+
+def test_lambda_reaches_every_layer_during_warmup(tiny):
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl, out, batch, i):
+            seen.append({m.lam for m in pl.model.modules() if isinstance(m, BitLinear)})
+
+    _fit(tiny, False, steps=10, callbacks=[Probe()])
+    assert all(len(s) == 1 for s in seen)  # every layer has the same λ at each step
+    lams = [s.pop() for s in seen]
+    assert lams[0] == 0.0 and lams[1] == pytest.approx(0.5) and lams[2:] == [1.0] * 8  # warmup 20 % of 10 steps
+
+
+def test_non_finite_loss_stops_with_the_step(tiny):
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl, batch, i):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl.model.embed.weight[0].fill_(float("nan"))
+
+    with pytest.raises(NonFiniteError, match="at step 3"):
+        _fit(tiny, False, steps=10, callbacks=[Poison()])
