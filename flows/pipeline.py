@@ -57,13 +57,18 @@ def dvc_stage(name: str, parent_run_id: str) -> str:
     No retries: stages are deterministic, so a failure would fail again the same way.
     """
     logger = get_run_logger()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=ROOT,
-                          env=_env(parent_run_id), capture_output=True, text=True)
-    out = (proc.stdout + proc.stderr).strip()
-    for line in out.splitlines()[-40:]:
-        logger.info(line)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=ROOT,
+                            env=_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    for line in proc.stdout:  # streamed, so long stages show progress as they go
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            logger.info(line)
+    proc.wait()
+    out = "\n".join(lines)
     if proc.returncode != 0:
-        raise PipelineFailed(f"stage '{name}' failed (exit {proc.returncode}):\n" + "\n".join(out.splitlines()[-60:]))
+        raise PipelineFailed(f"stage '{name}' failed (exit {proc.returncode}):\n" + "\n".join(lines[-60:]))
     skipped = "didn't change, skipping" in out
     create_markdown_artifact(key=name.replace("_", "-"), markdown=_stage_markdown(name, skipped, parent_run_id),
                              description=f"Quillan stage {name}")
