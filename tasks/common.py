@@ -10,7 +10,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
+def project_root() -> Path:
+    """The project a command works on: $QUILLAN_ROOT, else the nearest directory at or above
+    the working directory holding dvc.yaml and params.yaml (DVC runs stages there, also in
+    `dvc exp run --temp` copies), else this source checkout."""
+    env = os.environ.get("QUILLAN_ROOT")
+    if env:
+        return Path(env).resolve()
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file():
+            return d
+    return Path(__file__).resolve().parent.parent
+
+
+ROOT = project_root()
 METRICS_DIR = ROOT / "metrics"
 PLOTS_DIR = ROOT / "plots"
 REPORTS_DIR = ROOT / "reports"

@@ -23,7 +23,8 @@ from quillan.config import QuillanConfig
 from quillan.data import DataConfig
 from quillan.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+from tasks.common import ROOT
+
 PRESETS_DIR = ROOT / "presets"
 PARAMS_FILE = ROOT / "params.yaml"
 

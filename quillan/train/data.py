@@ -53,23 +53,43 @@ class StepBatchSampler(Sampler[list[int]]):
     """Batches for optimizer steps [start_step, total_steps): batch s is a pure function of
     (seed, s), so a run resumed at step k sees exactly the batches an uninterrupted run would.
 
-    Epoch e = s // steps_per_epoch uses permutation(seed, e). With world_size > 1, each rank
-    takes its slice of the global batch.
+    Epoch e = s // steps_per_epoch uses permutation(seed, e). Given `lengths`, the permutation
+    is cut into chunks of `bucket` batches, each chunk sorted by length and cut into batches,
+    and the epoch's batches shuffled again: batches of similar lengths pad far less, and
+    every row is still seen once per epoch. With world_size > 1, each rank takes its slice.
     """
 
     def __init__(self, n: int, batch_size: int, total_steps: int, seed: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, lengths: list[int] | None = None, bucket: int = 16):
         if batch_size > n:
             raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} rows)")
         self.n, self.bs, self.total, self.seed = n, batch_size, total_steps, seed
         self.start, self.rank, self.world = start_step, rank, world_size
         self.per_epoch = n // batch_size
+        self.lengths, self.bucket = lengths, bucket
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.per_epoch * self.bs].tolist()
+        if self.lengths is None:
+            batches = [perm[k * self.bs : (k + 1) * self.bs] for k in range(self.per_epoch)]
+        else:
+            chunk = self.bs * self.bucket
+            batches = []
+            for c in range(0, len(perm), chunk):
+                part = sorted(perm[c : c + chunk], key=lambda i: (self.lengths[i], i))
+                batches += [part[k : k + self.bs] for k in range(0, len(part), self.bs)]
+            order = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in order]
+        self._cache = (epoch, batches)
+        return batches
 
     def batch_indices(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        batch = perm[k * self.bs : (k + 1) * self.bs].tolist()
-        return batch[self.rank :: self.world]
+        return self.epoch_batches(epoch)[k][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.total):

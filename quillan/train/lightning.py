@@ -46,9 +46,13 @@ class QuillanDataModule(L.LightningDataModule):
         self.train_set, self.val_set, self.cfg, self.seed = train, val, cfg, seed
 
     def _sampler(self) -> StepBatchSampler:
-        t = self.trainer
-        return StepBatchSampler(len(self.train_set), self.cfg.batch_size, self.cfg.max_steps, self.seed,
-                                rank=t.global_rank if t else 0, world_size=t.world_size if t else 1)
+        if getattr(self, "_step_sampler", None) is None:
+            t = self.trainer
+            self._step_sampler = StepBatchSampler(
+                len(self.train_set), self.cfg.batch_size, self.cfg.max_steps, self.seed,
+                rank=t.global_rank if t else 0, world_size=t.world_size if t else 1,
+                lengths=[len(ids) for ids, _ in self.train_set.items])
+        return self._step_sampler
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rows = [self.train_set[i] for i in self._sampler().batch_indices(step)]
@@ -116,6 +120,8 @@ class QuillanLightning(L.LightningModule):
             self.expert_load.append(share.cpu())
             ent = -(share.clamp(min=1e-12).log() * share).sum(-1).mean() / math.log(share.shape[-1])
             log["train/expert_load_entropy"] = ent
+            for layer, row in enumerate(share):  # per-expert token share, e.g. expert_share/l0/e5
+                log.update({f"expert_share/l{layer}/e{e}": v for e, v in enumerate(row.tolist())})
             log["train/weight_sparsity"] = weight_sparsity(self.model)
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=batch["input_ids"].shape[0])
         self.log("loss", ce, prog_bar=True, on_step=True, logger=False)
