@@ -26,10 +26,15 @@ def save_histograms(path: Path, series: dict[str, Sequence[float]], title: str, 
         ax.hist(values, bins=bins, alpha=0.5, label=f"{name} (n={len(values)})")
     ax.set(title=title, xlabel=xlabel, ylabel="count")
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the figure as PNG atomically (no software/date metadata: stable bytes) and close it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -45,11 +50,7 @@ def save_lines(path: Path, series: dict[str, Sequence[tuple[float, float]]], tit
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str) -> Path:
@@ -58,8 +59,4 @@ def save_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str) -> Pa
     im = ax.imshow(matrix, aspect="auto", cmap="viridis")
     fig.colorbar(im, ax=ax)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return _save(fig, path)
