@@ -258,7 +258,6 @@ class Quillan(nn.Module):
         h = self.embed(ids)
         L = len(self.blocks)
         active = torch.arange(B, device=ids.device)
-        out = h.clone()
         for li, block in enumerate(self.blocks):
             rows = None if active.numel() == B else active
             hs, _ = block(h[active], cos[active], sin[active], mask[active], (cache.k[li], cache.v[li]), slot, rows)

@@ -25,9 +25,9 @@ from tokenizers import Tokenizer
 from quillan.checkpoint import load_model_dir, save_model_dir
 from quillan.config import QuillanConfig
 from quillan.train.config import TrainConfig
-from quillan.train.data import TokenizedRecords
+from quillan.train.data import TokenizedRecords, tokens_seen
 from quillan.train.evaluate import evaluate_loss
-from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics
+from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
 from tasks.tracking import file_md5, stage_run, tracking_uri
 
@@ -180,8 +180,6 @@ def _write_curves(hist: dict, ref_hist: dict | None) -> None:
     for r in hist["train"]:
         rl = ref.get(r["step"], {}).get("train/loss", "")
         rows.append(f"{int(r['step'])},{r.get('train/loss', '')},{r.get('lambda', '')},{r.get('lr', '')},{rl}")
-    from tasks.common import write_text
-
     write_text(PLOTS_DIR / "train_curves.csv", "\n".join(rows) + "\n")
     refv = {r["step"]: r["val/loss"] for r in (ref_hist or {}).get("val", [])}
     vrows = ["step,val_loss,reference_val_loss"] + [f"{int(r['step'])},{r['val/loss']},{refv.get(r['step'], '')}"
@@ -214,7 +212,7 @@ def run(params: Params) -> dict:
         from quillan.bitnet import weight_sparsity
 
         ev = evaluate_loss(model, val_set)
-        n_tokens = cfg.max_steps * sum(len(train_set[i][0]) for i in range(len(train_set))) / len(train_set) * cfg.batch_size
+        n_tokens = tokens_seen(train_set, cfg.batch_size, cfg.max_steps, params.seed)
         metrics = {"steps": cfg.max_steps, "lambda_schedule": cfg.lambda_schedule,
                    "ternary": {"val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                "weight_sparsity": weight_sparsity(model), "train_seconds": round(seconds, 1),

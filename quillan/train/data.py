@@ -97,3 +97,10 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
+
+
+def tokens_seen(data: TokenizedRecords, batch_size: int, total_steps: int, seed: int) -> int:
+    """Real (unpadded) tokens in the batches of steps [0, total_steps), as training draws them."""
+    lengths = [len(ids) for ids, _ in data.items]
+    sampler = StepBatchSampler(len(data), batch_size, total_steps, seed, lengths=lengths)
+    return sum(lengths[i] for step in range(total_steps) for i in sampler.batch_indices(step))

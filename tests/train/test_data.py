@@ -36,3 +36,16 @@ def test_ranks_split_the_global_batch():
     assert sorted(r0 + r1) == sorted(full) and not set(r0) & set(r1)
     with pytest.raises(ValueError, match="larger than the dataset"):
         StepBatchSampler(n=4, batch_size=8, total_steps=5, seed=0)
+
+
+def test_tokens_seen_counts_the_drawn_batches():
+    from quillan.train.data import tokens_seen
+
+    rows = generate_tasks(30, seed=0)
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
+    ds = TokenizedRecords(rows, tok, max_len=128)
+    per_epoch = len(ds) // 8
+    total = sum(len(ids) for ids, _ in ds.items)
+    assert len(ds) == 120  # divisible by the batch: one epoch sees every row exactly once
+    assert tokens_seen(ds, 8, per_epoch, seed=0) == total
+    assert tokens_seen(ds, 8, 2 * per_epoch, seed=0) > tokens_seen(ds, 8, per_epoch, seed=0)
