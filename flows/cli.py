@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", parents=[common], help="run a data-validation gate on files; exit 1 if it fails")
-    v.add_argument("suite", help="suite name (gates/<suite>.json), e.g. data")
+    v.add_argument("suite", help="suite name (gates/<suite>.json): data, calibration or model")
     v.add_argument("paths", nargs="+", help="file(s) to validate, e.g. data/generated/train.jsonl")
     v.add_argument("--report", help="also write a JSON summary here")
     v.add_argument("--mlflow", action="store_true", help="log the gate's result as an MLflow run")
