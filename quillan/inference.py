@@ -1,12 +1,40 @@
-"""Text in, text out: batched greedy/sampled completion with a Quillan model and its tokenizer."""
+"""Text in, text out: batched greedy/sampled completion with a Quillan model and its tokenizer,
+and greedy exact-match accuracy on verifiable records."""
 
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
 
 import torch
 from tokenizers import Tokenizer
 
-from quillan.data.tokenizer import special_ids
+from quillan.data.tokenizer import prompt_text, special_ids
+from quillan.data.verify import is_correct
 from quillan.model import Quillan
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` (B, W) for token rows, left-padded to the longest (W)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], room: int) -> list[list[int]]:
+    """`<bos> + tokens` of each (formatted) prompt, keeping its last `room` tokens if longer."""
+    bos = special_ids(tokenizer)["bos"]
+    return [([bos] + e.ids)[-room:] for e in tokenizer.encode_batch(prompts)]
+
+
+def until_eos(row: list[int], eos: int) -> list[int]:
+    """The tokens of a generated row before its first <eos>."""
+    return row[: row.index(eos)] if eos in row else row
 
 
 @torch.no_grad()
@@ -18,23 +46,41 @@ def complete(model: Quillan, tokenizer: Tokenizer, prompts: list[str], max_new_t
     Prompts are left-padded per batch. Deterministic for a given seed.
     """
     ids = special_ids(tokenizer)
-    bos, eos, pad = ids["bos"], ids["eos"], ids["pad"]
+    eos, pad = ids["eos"], ids["pad"]
     gen = torch.Generator().manual_seed(seed)
     out: list[str] = []
     room = model.cfg.max_seq_len - max_new_tokens
     for start in range(0, len(prompts), batch_size):
-        enc = [[bos] + e.ids for e in tokenizer.encode_batch(prompts[start : start + batch_size])]
-        enc = [e[-room:] for e in enc]  # keep the prompt's end if it is too long
-        width = max(len(e) for e in enc)
-        input_ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, e in enumerate(enc):
-            input_ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
+        input_ids, mask = left_padded(encode_prompts(tokenizer, prompts[start : start + batch_size], room), pad)
         seq = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_id=eos, attention_mask=mask, generator=gen)
-        for row in seq[:, width:].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            out.append(tokenizer.decode(row))
+        out += [tokenizer.decode(until_eos(row, eos)) for row in seq[:, input_ids.shape[1]:].tolist()]
     return out
+
+
+def accuracy_by_domain(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]],
+                       max_new_tokens: int = 64, batch_size: int = 64,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Greedy exact-match accuracy (share in [0, 1]) over `records`, overall and per domain.
+
+    Records are sorted by prompt length first so that batches pad little; the result does not
+    depend on the order. `progress(n)` is called after each batch with its size.
+    Returns {"accuracy", "correct", "count", "by_domain": {domain: accuracy}}.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(records)), key=lambda i: (len(records[i]["prompt"]), i))
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for start in range(0, len(order), batch_size):
+        batch = [records[i] for i in order[start : start + batch_size]]
+        texts = complete(model, tokenizer, [prompt_text(r) for r in batch], max_new_tokens, batch_size=len(batch))
+        for rec, text in zip(batch, texts):
+            h = hits[rec["domain"]]
+            h[0] += int(is_correct(rec, text))
+            h[1] += 1
+        if progress is not None:
+            progress(len(batch))
+    model.train(was_training)
+    correct, count = sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())
+    return {"accuracy": correct / max(count, 1), "correct": correct, "count": count,
+            "by_domain": {d: h[0] / h[1] for d, h in sorted(hits.items())}}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("generate", "calibrate", "train")
+STAGES = ("generate", "calibrate", "train", "grpo")
 
 
 class StageError(RuntimeError):

@@ -21,6 +21,7 @@ from quillan.calibrate import CalibrateConfig
 from quillan.config import PRESETS as MODEL_PRESETS
 from quillan.config import QuillanConfig
 from quillan.data import DataConfig
+from quillan.rl.config import GRPOConfig
 from quillan.train.config import TrainConfig
 
 from tasks.common import ROOT
@@ -65,6 +66,7 @@ class Params(BaseModel):
     model: ModelParams = Field(default_factory=ModelParams)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
 
 def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

@@ -60,3 +60,19 @@ def save_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str) -> Pa
     fig.colorbar(im, ax=ax)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     return _save(fig, path)
+
+
+def save_bars(path: Path, categories: Sequence[str], series: dict[str, Sequence[float]], title: str,
+              ylabel: str) -> Path:
+    """Grouped bars: one group per category, one bar per named series, values printed on top."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set(title=title, ylabel=ylabel)
+    ax.legend()
+    return _save(fig, path)

@@ -31,7 +31,8 @@ def test_pipeline_flow_dvc_and_gate(project):
                 "reports/gates/data.json", "reports/gates/data/index.html"):
         assert (root / rel).exists(), rel
     lock = _lock(root)
-    assert set(lock) >= {"generate", "gate_data", "calibrate", "gate_calibration", "train", "gate_train"}
+    assert set(lock) >= {"generate", "gate_data", "calibrate", "gate_calibration", "train", "gate_train", "grpo",
+                         "gate_grpo"}
     train_metrics = json.loads((root / "metrics/train.json").read_text())
     assert train_metrics["ternary"]["val_loss"] < 6.0 and "reference" in train_metrics
     for rel in ("models/train/model.safetensors", "models/train/reference/model.safetensors", "models/calibration.json",
@@ -49,7 +50,16 @@ def test_pipeline_flow_dvc_and_gate(project):
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
     assert set(children["tags.mlflow.runName"]) == {"generate", "gate_data", "calibrate", "gate_calibration",
-                                                    "train", "gate_train"}
+                                                    "train", "gate_train", "grpo", "gate_grpo"}
+    grpo = json.loads((root / "metrics/grpo.json").read_text())
+    assert grpo["steps"] == 4 and set(grpo["before"]["by_domain"]) == {"math", "code", "reasoning", "writing"}
+    assert grpo["before"]["count"] == grpo["after"]["count"] == 64
+    for rel in ("models/grpo/model.safetensors", "models/grpo/tokenizer.json", "plots/grpo_reward.png",
+                "plots/grpo_accuracy.png", "plots/grpo_curves.csv"):
+        assert (root / rel).exists(), rel
+    assert not (root / "models/grpo/checkpoints").exists()
+    grpo_run = children[children["tags.mlflow.runName"] == "grpo"].iloc[0]
+    assert grpo_run["metrics.grpo/reward_mean"] >= -1.0  # logged per step (NaN if missing)
     gen = children[children["tags.mlflow.runName"] == "generate"].iloc[0]
     assert gen["metrics.splits/train/count"] == metrics["splits"]["train"]["count"]
     assert len(gen["tags.mlflow.source.git.commit"]) == 40

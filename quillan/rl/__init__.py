@@ -1,5 +1,7 @@
-"""RL on verifiable rewards: GRPO/DAPO advantages and losses, DAPO shaping, CCRL council terms."""
+"""RL on verifiable rewards: GRPO/DAPO advantages and losses, DAPO shaping, CCRL council terms,
+rollouts scored by the task verifiers, and the training loop (`GRPOTrainer`)."""
 
+from quillan.rl.config import GRPOConfig, RewardWeights
 from quillan.rl.grpo import (
     ADVANTAGE_MODES,
     LOSS_TYPES,
@@ -10,6 +12,9 @@ from quillan.rl.grpo import (
     overlong_penalty,
     policy_loss,
 )
+from quillan.rl.rollout import Group, completion_logprobs, pack_groups, reward_parts, sample_groups
+from quillan.rl.trainer import GRPOTrainer, NonFiniteError
 
-__all__ = ["ADVANTAGE_MODES", "LOSS_TYPES", "council_entropy", "dynamic_sample", "group_advantages",
-           "multi_objective_reward", "overlong_penalty", "policy_loss"]
+__all__ = ["ADVANTAGE_MODES", "LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "Group", "NonFiniteError", "RewardWeights",
+           "completion_logprobs", "council_entropy", "dynamic_sample", "group_advantages", "multi_objective_reward",
+           "overlong_penalty", "pack_groups", "policy_loss", "reward_parts", "sample_groups"]

@@ -1,0 +1,58 @@
+"""`GRPOConfig`: the knobs of the `grpo` stage, one documented field each (TRL-style).
+
+Defaults follow DAPO (Yu et al. 2025): clip-higher ε_low = 0.2 / ε_high = 0.28, token-level
+loss, no KL term, dynamic sampling on. The council entropy bonus β_Ω = 0.05 is seed note 001's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RewardWeights(BaseModel):
+    """CCRL multi-objective reward (seed note 001): w_R·R_correct + w_C·R_format − w_E·R_error."""
+
+    model_config = ConfigDict(extra="forbid")
+    correct: float = Field(1.0, ge=0, description="w_R: weight of the verifier's exact-match reward (0/1)")
+    format: float = Field(0.1, ge=0, description="w_C: completion ended with <eos> (and has 'Answer:' where the task's target does)")
+    error: float = Field(0.5, ge=0, description="w_E: penalty for an empty answer")
+
+
+class GRPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false: models/grpo is a copy of models/train (no RL)")
+    steps: int = Field(60, ge=0, description="policy-update batches (each: rollouts, advantages, μ updates)")
+    prompts_per_step: int = Field(16, ge=1, description="groups (distinct prompts) per batch")
+    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt")
+    temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature of the rollouts")
+    top_k: int | None = Field(None, ge=1, description="top-k sampling of the rollouts (null: full distribution)")
+    max_new_tokens: int = Field(48, ge=1, description="L_max: completion length budget, tokens")
+    num_iterations: int = Field(1, ge=1, description="μ: policy updates per batch of rollouts")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after lr_warmup_steps)")
+    lr_warmup_steps: int = Field(5, ge=0, description="linear LR warmup, steps")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
+    advantage: Literal["grpo", "dr_grpo", "positive_clip"] = Field(
+        "grpo", description="group advantage: (R−mean)/std, R−mean (Dr. GRPO), or clip to [0, 1] (seed note 000)")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field("dapo", description="aggregation over tokens")
+    eps_low: float = Field(0.2, gt=0, lt=1, description="lower clip ε_low of the ratio")
+    eps_high: float = Field(0.28, gt=0, description="upper clip ε_high of the ratio (clip-higher)")
+    beta: float = Field(0.0, ge=0, description="k3 KL weight to the frozen starting model (0: no reference)")
+    council_entropy_bonus: float = Field(0.05, ge=0, description="β_Ω: loss −= β_Ω·H(α) over the overseer weights")
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+    overlong_cache: int = Field(0, ge=0, description="L_cache: DAPO soft overlong zone, tokens (0: off)")
+    dynamic_sampling: bool = Field(True, description="drop all-equal-reward groups and draw more prompts")
+    max_draws: int = Field(3, ge=1, description="rollout draws per step at most, with dynamic sampling")
+    eval_size: int = Field(0, ge=0, description="test records for before/after accuracy (0: the whole split)")
+    eval_max_new_tokens: int = Field(64, ge=1, description="greedy decoding budget of the accuracy evaluation")
+    rollback_tolerance: float = Field(0.01, ge=0, le=1,
+                                      description="keep the pre-GRPO weights if accuracy drops by more than this")
+    checkpoint_every: int = Field(20, ge=1, description="resumable checkpoint every N steps")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOConfig":
+        if self.overlong_cache >= self.max_new_tokens:
+            raise ValueError(f"overlong_cache ({self.overlong_cache}) must be < max_new_tokens ({self.max_new_tokens})")
+        return self

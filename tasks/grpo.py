@@ -1,0 +1,168 @@
+"""Stage `grpo`: GRPO/DAPO fine-tuning of models/train on verifiable rewards, with the CCRL
+council entropy bonus, and a rollback gate on held-out accuracy.
+
+Outputs: models/grpo/ (model.safetensors, config.json, tokenizer.json, grpo.json),
+metrics/grpo.json, plots/grpo_curves.csv, plots/grpo_reward.png, plots/grpo_accuracy.png.
+Checkpoints go to models/grpo/checkpoints/ every `grpo.checkpoint_every` steps (atomically); a
+re-run with the same inputs resumes from them and ends with the same weights. They are removed
+when the stage succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from quillan.calibrate import stratified_sample
+from quillan.checkpoint import load_model_dir, save_model_dir, state_for_saving
+from quillan.inference import accuracy_by_domain
+from quillan.rl import GRPOTrainer, NonFiniteError
+from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
+from tasks.params import Params
+from tasks.tracking import file_md5, stage_run
+
+IN_DIR = ROOT / "models" / "train"
+OUT_DIR = ROOT / "models" / "grpo"
+CKPT_DIR = OUT_DIR / "checkpoints"
+DATA = ROOT / "data" / "generated"
+INPUTS = ["data/generated/train.jsonl", "data/generated/test.jsonl", "models/train", "quillan/rl", "tasks/grpo.py"]
+CURVE_KEYS = ("reward_mean", "reward_std", "accuracy", "council_entropy", "completion_length", "kl",
+              "clip_low", "clip_high", "zero_variance_share")
+
+
+class GRPOFailed(RuntimeError):
+    """GRPO stopped (non-finite loss or gradient); the message says where and what was kept."""
+
+
+FAILURES = (GRPOFailed,)
+
+
+def fingerprint(params: Params) -> str:
+    """What a resumable checkpoint must agree with: config, starting weights and prompts."""
+    blob = json.dumps({"seed": params.seed, "grpo": params.grpo.model_dump(),
+                       "inputs": [file_md5(IN_DIR / "model.safetensors"), file_md5(DATA / "train.jsonl")]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save_checkpoint(trainer: GRPOTrainer, step: int, history: list[dict], fp: str) -> None:
+    """Model weights, AdamW state and history after `step` steps, replacing the last one atomically."""
+    with atomic_path(CKPT_DIR / "last") as tmp:
+        tmp.mkdir()
+        save_file(state_for_saving(trainer.model), str(tmp / "model.safetensors"))
+        save_file(trainer.optimizer_tensors(), str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history}))
+
+
+def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
+    """(first step to run, history so far): from the last checkpoint if it was made from the same
+    inputs, else (0, []) with stale checkpoints discarded."""
+    last = CKPT_DIR / "last"
+    state = json.loads((last / "state.json").read_text()) if (last / "state.json").exists() else None
+    if state is None or state.get("fingerprint") != fp:
+        if CKPT_DIR.exists():
+            print("grpo: discarding checkpoints made with other params or inputs")
+            shutil.rmtree(CKPT_DIR)
+        return 0, []
+    weights = load_file(str(last / "model.safetensors"))
+    if trainer.model.cfg.tie_embeddings:
+        weights["head.weight"] = weights["embed.weight"]
+    trainer.model.load_state_dict(weights)
+    trainer.load_optimizer_tensors(load_file(str(last / "optimizer.safetensors")))
+    print(f"grpo: resuming at step {state['step']} from {last.relative_to(ROOT)}")
+    return state["step"], state["history"]
+
+
+def _evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, label: str) -> dict:
+    with tqdm(total=len(records), desc=f"grpo: accuracy {label}", unit="rec", mininterval=5) as bar:
+        return accuracy_by_domain(model, tokenizer, records, max_new_tokens, progress=bar.update)
+
+
+def _write_curves(history: list[dict]) -> None:
+    rows = ["step," + ",".join(CURVE_KEYS)]
+    rows += [f"{h['step']}," + ",".join(str(h.get(k, "")) for k in CURVE_KEYS) for h in history]
+    write_text(PLOTS_DIR / "grpo_curves.csv", "\n".join(rows) + "\n")
+
+
+def _plots(history: list[dict], before: dict, after: dict) -> list[Path]:
+    from tasks.plots import save_bars, save_lines
+
+    PLOTS_DIR.mkdir(exist_ok=True)
+    curves = {"reward (mean)": [(h["step"], h["reward_mean"]) for h in history],
+              "accuracy (rollouts)": [(h["step"], h["accuracy"]) for h in history]}
+    domains = sorted(before["by_domain"])
+    bars = {"before GRPO": [before["by_domain"][d] for d in domains] + [before["accuracy"]],
+            "after GRPO": [after["by_domain"][d] for d in domains] + [after["accuracy"]]}
+    return [save_lines(PLOTS_DIR / "grpo_reward.png", curves, "GRPO rollouts: reward and accuracy", "step", "mean"),
+            save_bars(PLOTS_DIR / "grpo_accuracy.png", domains + ["all"], bars,
+                      "greedy exact-match accuracy on the test split", "accuracy")]
+
+
+def run(params: Params) -> dict:
+    cfg = params.grpo
+    model, tokenizer = load_model_dir(IN_DIR)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{IN_DIR / 'tokenizer.json'}: file not found")
+    train = read_jsonl(DATA / "train.jsonl")
+    test = read_jsonl(DATA / "test.jsonl")
+    if not test:
+        raise ValueError(f"{DATA / 'test.jsonl'}: empty split")
+    eval_set = stratified_sample(test, cfg.eval_size, params.seed) if cfg.eval_size else test
+    history: list[dict] = []
+    with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}, INPUTS) as tracker:
+        before = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "before")
+        t0 = time.perf_counter()
+        if cfg.enabled and cfg.steps > 0:
+            trainer = GRPOTrainer(model, tokenizer, train, cfg, params.seed)
+            fp = fingerprint(params)
+            start, history = _resume(trainer, fp)
+            bar = tqdm(range(start, cfg.steps), desc="grpo", unit="step", initial=start, total=cfg.steps)
+            for step in bar:
+                try:
+                    stats = trainer.step(step)
+                except NonFiniteError as e:
+                    kept = "last good checkpoint kept: models/grpo/checkpoints/last" if CKPT_DIR.exists() else "no checkpoint yet"
+                    raise GRPOFailed(f"{e}; {kept}") from None
+                history.append({"step": step, **stats})
+                tracker.log_metrics({"grpo": stats}, step=step)
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", acc=f"{stats['accuracy']:.3f}")
+                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                    _save_checkpoint(trainer, step + 1, history, fp)
+        seconds = time.perf_counter() - t0
+        after = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "after") if history else before
+        drop = before["accuracy"] - after["accuracy"]
+        rolled_back = drop > cfg.rollback_tolerance
+        if rolled_back:
+            print(f"grpo: ROLLBACK — test accuracy fell from {before['accuracy']:.4f} to {after['accuracy']:.4f} "
+                  f"(more than grpo.rollback_tolerance {cfg.rollback_tolerance}); models/grpo keeps the pre-GRPO weights")
+            model, _ = load_model_dir(IN_DIR)
+        with atomic_path(OUT_DIR) as tmp:
+            save_model_dir(tmp, model, tokenizer)
+            write_json(tmp / "grpo.json", {"seed": params.seed, "grpo": cfg.model_dump(), "steps": len(history),
+                                           "rolled_back": rolled_back, "source": "models/train"})
+        updated = [h for h in history if not h["skipped"]]
+        metrics = {"enabled": cfg.enabled, "steps": len(history), "skipped_steps": len(history) - len(updated),
+                   "before": before, "after": after, "accuracy_gain": after["accuracy"] - before["accuracy"],
+                   "rolled_back": rolled_back, "train_seconds": round(seconds, 1),
+                   "seconds_per_step": round(seconds / max(1, len(history)), 2)}
+        if history:
+            last = history[-max(1, len(history) // 5):]  # the last fifth of the steps
+            metrics["rollout_reward_first"] = history[0]["reward_mean"]
+            metrics["rollout_reward_last_fifth"] = sum(h["reward_mean"] for h in last) / len(last)
+        path = write_metrics("grpo", metrics)
+        _write_curves(history)
+        for p in _plots(history, before, after):
+            tracker.log_artifact(p, "plots")
+        tracker.log_metrics({"final": {k: v for k, v in metrics.items() if k not in ("before", "after")},
+                             "before": before, "after": after})
+        tracker.log_artifact(path)
+    per_domain = ", ".join(f"{d} {before['by_domain'][d]:.3f}→{after['by_domain'][d]:.3f}" for d in before["by_domain"])
+    print(f"grpo: test accuracy {before['accuracy']:.4f} → {after['accuracy']:.4f} ({per_domain})"
+          + (" — rolled back" if rolled_back else ""))
+    return metrics

@@ -1,0 +1,124 @@
+"""Rollouts, batch packing, log-probs and the GRPO step on a tiny model and tokenizer."""
+
+import copy
+
+import pytest
+import torch
+
+from quillan.config import QuillanConfig
+from quillan.data.generators import generate_tasks
+from quillan.data.tokenizer import special_ids, train_tokenizer, training_text
+from quillan.model import Quillan
+from quillan.rl import GRPOConfig, GRPOTrainer, Group, completion_logprobs, pack_groups, reward_parts, sample_groups
+from quillan.rl.config import RewardWeights
+
+
+@pytest.fixture(scope="module")
+def setup():
+    records = generate_tasks(24, 0, 0.3, ("math", "code", "reasoning", "writing"))
+    tok = train_tokenizer((training_text(r) for r in records), vocab_size=320)
+    torch.manual_seed(0)
+    cfg = QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size())
+    return Quillan(cfg), tok, records
+
+
+def test_reward_parts():
+    rec = {"answer": "42", "target": "2 tens ... Answer: 42"}
+    assert reward_parts(rec, "carry 1. Answer: 42", finished=True) == (1.0, 1.0, 0.0)
+    assert reward_parts(rec, "42", finished=True) == (1.0, 0.0, 0.0)        # right, but no "Answer:"
+    assert reward_parts(rec, "Answer: 41", finished=False) == (0.0, 0.0, 0.0)  # truncated: no format
+    assert reward_parts({"answer": "7", "target": "7"}, "  ", finished=True) == (0.0, 1.0, 1.0)  # empty answer
+
+
+def _group(prompt, comps, rewards):
+    r = torch.tensor(rewards)
+    z = torch.zeros(len(comps))
+    return Group({}, prompt, comps, [""] * len(comps), r, r, z, z, z)
+
+
+def test_pack_groups_pads_prompts_left_and_completions_right():
+    b = pack_groups([_group([1, 5], [[7, 2], [8]], [1.0, 0.0]), _group([1, 5, 6], [[9, 9, 2], []], [0.5, 0.0])], pad_id=0)
+    assert b["input_ids"].tolist() == [[0, 1, 5, 7, 2, 0], [0, 1, 5, 8, 0, 0], [1, 5, 6, 9, 9, 2], [1, 5, 6, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert b["completion_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert b["rewards"].tolist() == [1.0, 0.0, 0.5, 0.0]
+
+
+def test_sampled_groups_and_logprobs_agree_between_train_and_eval(setup):
+    model, tok, records = setup
+    g = torch.Generator().manual_seed(1)
+    groups = sample_groups(model, tok, records[:3], 4, max_new_tokens=12, temperature=1.0, top_k=None,
+                           weights=RewardWeights(), overlong_cache=4, generator=g)
+    assert len(groups) == 3 and all(len(gr.completions) == 4 for gr in groups)
+    eos = special_ids(tok)["eos"]
+    for gr in groups:
+        for c in gr.completions:
+            assert len(c) <= 12 and (eos not in c[:-1])
+        assert gr.rewards.shape == (4,)
+    batch = pack_groups(groups, special_ids(tok)["pad"])
+    model.eval()
+    lp_eval, _ = completion_logprobs(model, batch)
+    model.train()
+    lp_train, alphas = completion_logprobs(model, batch)
+    model.eval()
+    mask = batch["completion_mask"].bool()
+    # Rollouts sample in eval mode, updates score in train mode: at λ = 1 both are the same policy.
+    assert torch.allclose(lp_eval[mask], lp_train[mask], atol=1e-5)
+    assert (lp_eval[mask] <= 0).all() and len(alphas) == sum(b.council for b in model.blocks)
+    assert alphas[0].shape[:2] == mask.shape
+
+
+def _trainer(setup, **kw):
+    model, tok, records = setup
+    cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=4, max_new_tokens=10, lr=1e-3, **kw)
+    return GRPOTrainer(copy.deepcopy(model), tok, records, cfg, seed=3)
+
+
+def test_grpo_step_is_deterministic_and_resumable(setup):
+    a, b = _trainer(setup, dynamic_sampling=False), _trainer(setup, dynamic_sampling=False)
+    sa0, sb0 = a.step(0), b.step(0)
+    assert sa0["reward_mean"] == sb0["reward_mean"] and sa0["groups_kept"] == 3
+    # b continues in a fresh trainer from its saved weights and optimizer state, as a resumed run would.
+    c = _trainer(setup, dynamic_sampling=False)
+    c.model.load_state_dict(b.model.state_dict())
+    c.load_optimizer_tensors(b.optimizer_tensors())
+    a.step(1), c.step(1)
+    for (name, pa), pc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.equal(pa, pc), name
+
+
+def test_all_equal_rewards_skip_the_update(setup):
+    # No reward weight can differ between completions: every group has equal rewards.
+    t = _trainer(setup, rewards=RewardWeights(correct=0.0, format=0.0, error=0.0), max_draws=2)
+    before = copy.deepcopy(t.model.state_dict())
+    stats = t.step(0)
+    assert stats["skipped"] == 1.0 and stats["groups_kept"] == 0 and stats["groups_dropped"] == 6
+    assert stats["zero_variance_share"] == 1.0 and stats["draws"] == 2
+    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_update_moves_the_policy_towards_higher_advantage(setup):
+    t = _trainer(setup, dynamic_sampling=False, rewards=RewardWeights(correct=0.0, format=0.0, error=0.0))
+    # Reward = the first completion token's id: after a few updates on these groups, completions
+    # with higher first tokens gain log-probability.
+    model = t.model
+    groups = sample_groups(model, t.tokenizer, t.draw_prompts(0, 0), 4, max_new_tokens=10, temperature=1.0,
+                           top_k=None, weights=RewardWeights(), overlong_cache=0, generator=torch.Generator().manual_seed(0))
+    for g in groups:
+        g.rewards = torch.tensor([float(c[0]) for c in g.completions])
+    batch = pack_groups(groups, t.pad_id)
+    from quillan.rl import group_advantages, policy_loss
+
+    adv = group_advantages(batch["rewards"], 4, "grpo")
+    model.train()
+    logp0, _ = completion_logprobs(model, batch)
+    for _ in range(3):
+        logp, _ = completion_logprobs(model, batch)
+        loss, _ = policy_loss(logp, logp.detach(), adv, batch["completion_mask"], loss_type="dapo")
+        t.optimizer.zero_grad()
+        loss.backward()
+        t.optimizer.step()
+    logp1, _ = completion_logprobs(model, batch)
+    m = batch["completion_mask"].float()
+    seq_gain = ((logp1 - logp0).detach() * m).sum(1)
+    assert bool((adv != 0).any()) and float((seq_gain * adv).sum()) > 0  # probability mass moved towards positive advantages
