@@ -97,6 +97,27 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from quillan.checkpoint import CheckpointError
+    from quillan.data.tokenizer import prompt_text
+    from quillan.inference import complete
+    from tasks.benchmark import load_any
+
+    path = Path(args.model_dir)
+    try:
+        model, tokenizer = load_any(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"sample: {e}", file=sys.stderr)
+        return 2
+    if tokenizer is None:
+        print(f"sample: {path / 'tokenizer.json'}: file not found", file=sys.stderr)
+        return 2
+    for prompt in args.prompts:
+        print(complete(model, tokenizer, [prompt_text({"prompt": prompt})], args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed)[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks import STAGES
 
@@ -120,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", parents=[common], help="run a data-validation gate on files; exit 1 if it fails")
-    v.add_argument("suite", help="suite name (gates/<suite>.json): data, calibration or model")
+    v.add_argument("suite", help="suite name (gates/<suite>.json): data, calibration, model or export")
     v.add_argument("paths", nargs="+", help="file(s) to validate, e.g. data/generated/train.jsonl")
     v.add_argument("--report", help="also write a JSON summary here")
     v.add_argument("--mlflow", action="store_true", help="log the gate's result as an MLflow run")
@@ -130,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", parents=[common], help="print the resolved, validated config")
     c.add_argument("--preset", help="resolve with this preset instead of params.yaml's")
     c.set_defaults(func=cmd_config)
+    sm = sub.add_parser("sample", help="print a completion from a model directory (any export, models/train, models/grpo)")
+    sm.add_argument("model_dir", help="e.g. models/export/ternary")
+    sm.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text, e.g. '12+30='")
+    sm.add_argument("--max-new-tokens", type=int, default=48)
+    sm.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(func=cmd_sample)
     mi = sub.add_parser("model-info", help="parameter counts and sizes of the model presets (meta device, no memory)")
     mi.add_argument("preset", nargs="?", help="one model preset (default: all)")
     mi.set_defaults(func=cmd_model_info)

@@ -79,7 +79,10 @@ def _stage_markdown(name: str, skipped: bool, parent_run_id: str) -> str:
     metrics = ROOT / "metrics" / f"{name}.json"
     lines = [f"## {name}", "", f"status: {'up to date (skipped by DVC)' if skipped else 'ran'}",
              f"MLflow parent run: `{parent_run_id}`", ""]
-    if metrics.exists():
+    report = ROOT / "reports" / f"{name}.md"
+    if report.exists():  # the benchmark's summary table
+        lines += [report.read_text(), ""]
+    elif metrics.exists():
         lines += ["```json", metrics.read_text()[:4000], "```"]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("generate", "calibrate", "train", "grpo")
+STAGES = ("generate", "calibrate", "train", "grpo", "export", "benchmark")
 
 
 class StageError(RuntimeError):

@@ -181,8 +181,44 @@ def model_frame(paths: list[Path], params: Params, tokenizer: Path | None = None
     return pd.DataFrame(rows), {}
 
 
+def export_frame(paths: list[Path], params: Params, tokenizer: Path | None = None):
+    """One row per export directory (the subdirectories of the given `models/export`): it loads
+    from disk alone, generates, its logits are finite, and ternary layers cost 1.6 bits per
+    weight (5 per byte; up to one byte of tail padding per layer)."""
+    from safetensors import safe_open
+
+    from quillan.checkpoint import CheckpointError
+    from quillan.export import load
+
+    rows = []
+    dirs = sorted(d for p in paths for d in ([Path(p)] if (Path(p) / "metadata.json").exists() else Path(p).iterdir())
+                  if d.is_dir())
+    for d in dirs:
+        row = {"variant": d.name, "_loads": False, "_generates": False, "_finite": False, "_bits_ok": False,
+               "_where": str(d), "_show": ""}
+        try:
+            model, tok = load(d)
+            row["_loads"] = True
+            ids = torch.ones(2, 6, dtype=torch.long)
+            with torch.no_grad():
+                row["_finite"] = bool(torch.isfinite(model(ids).logits).all())
+                row["_generates"] = model.generate(ids, 4, temperature=0.0).shape == (2, 10)
+            row["_bits_ok"] = all(m.packed.numel() * 4 >= m.in_features * m.out_features  # 2 bits in memory
+                                  for m in model.modules() if type(m).__name__ == "TernaryLinear")
+            meta = json.loads((d / "metadata.json").read_text())
+            for name, shape in meta["shapes"].items():
+                if meta["modules"][name] == "ternary":
+                    with safe_open(str(d / "model.safetensors"), "pt") as f:
+                        nbytes = f.get_slice(f"{name}.packed").get_shape()[0]
+                    row["_bits_ok"] &= nbytes == math.ceil(shape[0] * shape[1] / 5)
+        except (CheckpointError, RuntimeError, ValueError) as e:
+            row["_show"] = str(e)[:200]
+        rows.append(row)
+    return pd.DataFrame(rows), {}
+
+
 DERIVERS: dict[str, Callable[..., tuple[pd.DataFrame, dict[str, Any]]]] = {
-    "data": data_frame, "calibration": calibration_frame, "model": model_frame}
+    "data": data_frame, "calibration": calibration_frame, "model": model_frame, "export": export_frame}
 
 
 def _examples(df: pd.DataFrame, indices: list[int]) -> list[str]:

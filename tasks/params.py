@@ -21,6 +21,8 @@ from quillan.calibrate import CalibrateConfig
 from quillan.config import PRESETS as MODEL_PRESETS
 from quillan.config import QuillanConfig
 from quillan.data import DataConfig
+from quillan.export import ExportConfig
+from quillan.export.measure import BenchmarkConfig
 from quillan.rl.config import GRPOConfig
 from quillan.train.config import TrainConfig
 
@@ -67,6 +69,8 @@ class Params(BaseModel):
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
 
 def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

@@ -76,3 +76,15 @@ def save_bars(path: Path, categories: Sequence[str], series: dict[str, Sequence[
     ax.set(title=title, ylabel=ylabel)
     ax.legend()
     return _save(fig, path)
+
+
+def save_scatter(path: Path, points: dict[str, tuple[float, float]], title: str, xlabel: str, ylabel: str) -> Path:
+    """One labelled point per name."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

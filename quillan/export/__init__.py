@@ -1,0 +1,359 @@
+"""Exports of a trained Quillan model: packed ternary, dequantized FP16, bitsandbytes INT8/INT4,
+and a per-module mixed plan. Each is a directory `model.safetensors` + `metadata.json`
+(+ `tokenizer.json`), reloadable by `quillan.export.load(path)` alone. No pickles.
+
+Every variant encodes the same trained network: the deployable ternary weights scale·q of each
+BitLinear (never the latent training weights), in the format the variant names. Modules the
+precision plan keeps in full precision (embeddings, norms, routers) are stored in FP16 and
+computed in float32 on load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from quillan.bitnet import BitLinear
+from quillan.checkpoint import CheckpointError
+from quillan.config import QuillanConfig
+from quillan.export.layers import Int8Rows, TernaryLinear
+from quillan.model import Quillan
+
+VARIANTS = ("ternary", "fp16", "int8", "int4", "mixed")
+KINDS = ("attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion")
+Precision = Literal["ternary", "fp16", "int8", "int4"]
+WEIGHTS, METADATA, TOKENIZER = "model.safetensors", "metadata.json", "tokenizer.json"
+BANKS = ("micro_keys", "micro_down", "micro_up")
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variants: list[Literal["ternary", "fp16", "int8", "int4", "mixed"]] = Field(
+        default_factory=lambda: list(VARIANTS), min_length=1, description="exports to write")
+    int4_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type")
+    int8_threshold: float = Field(0.0, ge=0, description="LLM.int8() outlier threshold (0: all columns int8)")
+    mixed: dict[Literal["attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion"], Precision] = Field(
+        default_factory=lambda: {"overseer": "fp16", "diffusion": "ternary", "experts": "int4",
+                                 "micro_agents": "int8", "attention": "ternary", "dense_ffn": "ternary"},
+        description="precision per module kind of the `mixed` variant (seed note 000)")
+
+
+def module_kind(name: str) -> str | None:
+    """Kind of a module by its name in Quillan, or None for embeddings, norms and the head."""
+    parts = name.split(".")
+    if parts[0] == "diffusion":
+        return "diffusion"
+    if parts[0] != "blocks" or len(parts) < 3:
+        return None
+    if parts[2] == "attn":
+        return "attention"
+    if parts[2] == "ffn":
+        sub = parts[3] if len(parts) > 3 else ""
+        if sub == "experts":
+            return "experts"
+        if sub in ("overseer", "routers"):
+            return "overseer"
+        if sub == "" or sub.startswith("micro"):  # the council module itself holds the banks
+            return "micro_agents"
+        return "dense_ffn"
+    return None
+
+
+def variant_plan(model: Quillan, variant: str, cfg: ExportConfig) -> dict[str, str]:
+    """{module name: precision} for the variant: every quantizing BitLinear, and in `mixed` with
+    micro agents at int8, the micro-agent banks (`<council>.micro_down` ...). Others stay FP16."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown export variant {variant!r} (one of: {', '.join(VARIANTS)})")
+    plan: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BitLinear) and m.quantize:
+            plan[name] = variant if variant != "mixed" else cfg.mixed.get(module_kind(name), "ternary")
+        elif hasattr(m, "micro_down") and variant == "mixed" and cfg.mixed.get("micro_agents") == "int8":
+            plan.update({f"{name}.{b}": "int8" for b in BANKS})  # PyTorch int8 rows: no bitsandbytes module
+    return plan
+
+
+# What computes each precision on the CPU (recorded in metadata.json).
+KERNELS = {
+    "ternary": "quillan TernaryLinear: 2-bit packed weights, int8 activations, torch._int_mm",
+    "int8": "bitsandbytes Linear8bitLt (LLM.int8, CPU backend int8_scaled_mm); micro-agent banks: "
+            "PyTorch int8 rows with per-row scales (bitsandbytes has no module for parameter banks)",
+    "int4": "bitsandbytes Linear4bit (blockwise NF4/FP4, CPU backend dequantize + matmul)",
+    "fp16": "torch float32 matmul on weights stored in FP16",
+}
+
+
+def _bnb():
+    import logging
+
+    import bitsandbytes as bnb  # ~6 s import: only int8/int4 exports pay for it
+
+    # Every LLM.int8 call on float32 input logs that it casts to FP16; that is the method.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return bnb
+
+
+def _int8_linear(weight: torch.Tensor, threshold: float) -> nn.Module:
+    bnb = _bnb()
+    lin = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
+                              threshold=threshold)
+    lin.weight = bnb.nn.Int8Params(weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    return lin.to("cpu")  # quantizes (LLM.int8 row-wise absmax)
+
+
+def _int4_linear(weight: torch.Tensor, quant_type: str) -> nn.Module:
+    bnb = _bnb()
+    # No double quantization: its second-level tables cost ~1 KiB per layer, more than it saves here.
+    lin = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32,
+                            compress_statistics=False, quant_type=quant_type)
+    lin.weight = bnb.nn.Params4bit(weight.detach().float(), requires_grad=False, compress_statistics=False,
+                                   quant_type=quant_type, module=lin)
+    return lin.to("cpu")  # quantizes (blockwise NF4/FP4)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _set_bank(council: nn.Module, attr: str, bank: nn.Module) -> None:
+    delattr(council, attr)  # a Parameter: remove it before a module takes the name
+    setattr(council, attr, bank)
+
+
+def dequantized_weight(m: nn.Module) -> torch.Tensor:
+    """The float weight (out, in) — or bank (M, P, D) — an exported module computes with."""
+    if isinstance(m, TernaryLinear):
+        q = m.ternary().float()
+        return q * (m.scale.view(-1, 1) if m.scale.dim() else m.scale)
+    if isinstance(m, Int8Rows):
+        return m.dequantized()
+    if "bitsandbytes" in type(m).__module__:
+        bnb = _bnb()
+        if isinstance(m, bnb.nn.Linear4bit):
+            return bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        cb = m.weight.data if m.weight.data.dtype == torch.int8 else m.state.CB
+        scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
+        return cb.float() * scb.float().view(-1, 1) / 127.0
+    return m.weight.detach().float()
+
+
+@torch.no_grad()
+def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, dict[str, str]]:
+    """The model with its modules swapped for the variant's (in place, eval mode), and its plan.
+
+    `fp16` returns a plain float model (config `quantize: false`) whose linear weights are the
+    dequantized ternary weights scale·q: trainable, the starting point for further training.
+    """
+    model.eval()
+    plan = variant_plan(model, variant, cfg)
+    if variant == "fp16":
+        ternary = {name: m.ternary_weight() for name, m in model.named_modules() if name in plan}
+        for name, w in ternary.items():
+            m = model.get_submodule(name)
+            m.weight.copy_(w)
+            m.quantize = False
+        model.cfg = QuillanConfig(**{**model.cfg.to_dict(), "quantize": False})
+        return model.half().float(), plan  # values rounded to FP16, as stored
+    for name, precision in plan.items():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in BANKS:
+            _set_bank(model.get_submodule(parent), leaf, Int8Rows.from_float(getattr(model.get_submodule(parent), leaf)))
+            continue
+        m = model.get_submodule(name)
+        w = m.ternary_weight()
+        if precision == "ternary":
+            new = TernaryLinear.from_float(m.weight, m.per_channel, m.act_quant)
+        elif precision == "int8":
+            new = _int8_linear(w, cfg.int8_threshold)
+        elif precision == "int4":
+            new = _int4_linear(w, cfg.int4_type)
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            new.weight.copy_(w.half().float())
+        _set_module(model, name, new)
+    for p in model.parameters():  # what stays float is stored in FP16: hold the same values
+        p.requires_grad_(False)
+        if type(p) is nn.Parameter:  # not bitsandbytes' own parameter types
+            p.data = p.data.half().float()
+    return model.eval(), plan  # new modules start in train mode; LLM.int8 re-quantizes in training
+
+
+# -- files --------------------------------------------------------------------------------------
+def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """On-disk tensors of one quantized module (keys relative to the module)."""
+    if isinstance(m, TernaryLinear):
+        return m.export_tensors()
+    if isinstance(m, Int8Rows):
+        return {"q": m.q, "scale": m.scale}
+    bnb = _bnb()
+    if isinstance(m, bnb.nn.Linear8bitLt):
+        scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
+        cb = m.weight.data if m.weight.data.dtype == torch.int8 else m.state.CB
+        return {"weight": cb, "SCB": scb}
+    if isinstance(m, bnb.nn.Linear4bit):
+        sd: dict[str, torch.Tensor] = {}
+        m._save_to_state_dict(sd, "", keep_vars=False)
+        return sd
+    raise TypeError(f"not a quantized module: {type(m).__name__}")
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows)
+    if any("bitsandbytes" in type(m).__module__ for m in model.modules()):
+        bnb = _bnb()
+        kinds += (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def export_tensors(model: Quillan) -> dict[str, torch.Tensor]:
+    """Every tensor of the exported model in its stored form, keys sorted (stable file bytes):
+    quantized modules as their packed/int tensors, everything else FP16."""
+    quant = _quantized_modules(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, m in quant.items():
+        out.update({f"{name}.{k}": v.detach().contiguous() for k, v in _module_tensors(m).items()})
+    inside = tuple(f"{n}." for n in quant)
+    for name, p in model.state_dict().items():
+        if name.startswith(inside) or (model.cfg.tie_embeddings and name == "head.weight"):
+            continue
+        out[name] = p.detach().to(torch.float16).contiguous() if p.is_floating_point() else p.detach().contiguous()
+    return {k: out[k] for k in sorted(out)}
+
+
+def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, str], extra: dict[str, Any],
+         tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Write `model.safetensors`, `metadata.json` (+ tokenizer) into `directory`; returns the metadata."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = export_tensors(model)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "quillan-export", "variant": variant})
+    shapes = {}
+    for name in plan:
+        m = model.get_submodule(name)
+        shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
+    meta = {"format": "quillan-export", "variant": variant, "config": model.cfg.to_dict(), "modules": plan,
+            "shapes": shapes, **extra}
+    (directory / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(directory / TOKENIZER), pretty=True)
+    return meta
+
+
+def _read_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / METADATA
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan export?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
+    for key in ("variant", "config", "modules", "shapes"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing key '{key}'")
+    if meta["variant"] not in VARIANTS:
+        raise CheckpointError(f"{path}: variant: unknown variant {meta['variant']!r} (one of: {', '.join(VARIANTS)})")
+    return meta
+
+
+def _take(tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> dict[str, torch.Tensor]:
+    out = {k[len(prefix) + 1:]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix + ".")]}
+    if not out:
+        raise CheckpointError(f"{path}: no tensors for module {prefix!r} named in metadata.json")
+    return out
+
+
+def _rebuild(precision: str, t: dict[str, torch.Tensor], shape: list[int], cfg: QuillanConfig) -> nn.Module:
+    """The inference module of one quantized layer from its stored tensors, shape-checked."""
+    out_f, in_f = shape
+    if precision == "ternary":
+        return TernaryLinear.from_export(t["packed"], t["scale"], (out_f, in_f), act_quant=cfg.act_quant)
+    if precision == "int8":
+        if t["weight"].shape != (out_f, in_f) or t["weight"].dtype != torch.int8:
+            raise ValueError(f"weight is {t['weight'].dtype} {tuple(t['weight'].shape)}, metadata says int8 {(out_f, in_f)}")
+        bnb = _bnb()
+        lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False)
+        w = bnb.nn.Int8Params(t["weight"], requires_grad=False, has_fp16_weights=False)
+        w.CB, w.SCB = t["weight"], t["SCB"].float()
+        lin.weight = w
+        return lin
+    if precision == "int4":
+        bnb = _bnb()
+        stats = {k[len("weight."):]: v for k, v in t.items() if k.startswith("weight.")}
+        lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32)
+        lin.weight = bnb.nn.Params4bit.from_prequantized(t["weight"], stats, device="cpu", module=lin)
+        if tuple(lin.weight.quant_state.shape) != (out_f, in_f):
+            raise ValueError(f"quant state shape {tuple(lin.weight.quant_state.shape)}, metadata says {(out_f, in_f)}")
+        return lin
+    if precision == "fp16":
+        lin = nn.Linear(in_f, out_f, bias=False)
+        lin.weight.data = t["weight"].float()
+        return lin
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+@torch.no_grad()
+def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
+    """A runnable model (eval mode) and its tokenizer from an export directory alone.
+
+    Raises CheckpointError naming the file for a missing, truncated or corrupted file, or
+    metadata that does not match the stored tensors.
+    """
+    directory = Path(path)
+    meta = _read_metadata(directory)
+    meta_path, weights = directory / METADATA, directory / WEIGHTS
+    try:
+        cfg = QuillanConfig(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: config: {e}") from None
+    if not weights.exists():
+        raise CheckpointError(f"{weights}: file not found")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own types for truncated/corrupt files
+        raise CheckpointError(f"{weights}: cannot read weights ({type(e).__name__}: {e})") from None
+    model = Quillan(cfg).eval()
+    replaced: list[str] = []  # names of the modules rebuilt from their stored form
+    for name, precision in meta["modules"].items():
+        if meta["variant"] == "fp16":
+            break  # a plain float model: every weight is loaded below
+        parent, _, leaf = name.rpartition(".")
+        try:
+            model.get_submodule(parent).get_parameter(leaf) if leaf in BANKS else model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{meta_path}: module {name!r} does not exist in this config") from None
+        try:
+            t = _take(tensors, name, weights)
+            if leaf in BANKS:
+                if list(t["q"].shape) != meta["shapes"][name] or t["q"].dtype != torch.int8:
+                    raise ValueError(f"stored {t['q'].dtype} {tuple(t['q'].shape)}, metadata says int8 "
+                                     f"{tuple(meta['shapes'][name])}")
+                _set_bank(model.get_submodule(parent), leaf, Int8Rows(t["q"], t["scale"]))
+            else:
+                _set_module(model, name, _rebuild(precision, t, meta["shapes"][name], cfg))
+            replaced.append(name)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{weights}: module {name} ({precision}) does not match {meta_path}: {e}") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    if cfg.tie_embeddings and "embed.weight" in state:
+        state["head.weight"] = state["embed.weight"]
+    expected = {k for k in model.state_dict() if not k.startswith(tuple(f"{n}." for n in replaced))}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match {meta_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: does not match {meta_path}: {str(e).splitlines()[-1].strip()}") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = directory / TOKENIZER
+    return model.eval(), (Tokenizer.from_file(str(tok)) if tok.exists() else None)

@@ -1,0 +1,199 @@
+"""Stage `benchmark`: quality, size and CPU speed of every export, of the unquantized model and of
+the full-precision reference; quality gates; the champion registered in MLflow as `quillan`.
+
+Outputs: metrics/benchmark.json, reports/benchmark.md, plots/benchmark_accuracy_bits.png,
+plots/benchmark_speed_size.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quillan.calibrate import stratified_sample
+from quillan.checkpoint import load_model_dir
+from quillan.export import load as load_export
+from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
+from quillan.inference import accuracy_by_domain
+from quillan.train.data import TokenizedRecords
+from quillan.train.evaluate import evaluate_loss
+from tasks.common import PLOTS_DIR, REPORTS_DIR, ROOT, read_jsonl, write_metrics, write_text
+from tasks.params import Params
+from tasks.tracking import stage_run
+
+EXPORTS = ROOT / "models" / "export"
+UNQUANTIZED = ROOT / "models" / "grpo"
+REFERENCE = ROOT / "models" / "train" / "reference"
+DATA = ROOT / "data" / "generated"
+REPORT = REPORTS_DIR / "benchmark.md"
+INPUTS = ["models/export", "models/grpo", "data/generated/test.jsonl", "data/generated/val.jsonl", "tasks/benchmark.py"]
+MODEL_NAME = "quillan"
+
+
+def candidates() -> dict[str, Path]:
+    """Every model to measure: unquantized (models/grpo), reference (if trained), each export."""
+    out = {"unquantized": UNQUANTIZED}
+    if (REFERENCE / "model.safetensors").exists():
+        out["reference"] = REFERENCE
+    if not EXPORTS.is_dir():
+        raise FileNotFoundError(f"{EXPORTS}: no exports (run the export stage first)")
+    for d in sorted(EXPORTS.iterdir()):
+        if (d / "metadata.json").exists():
+            out[d.name] = d
+    return out
+
+
+def load_any(path: Path):
+    """A model directory of either kind: an export (metadata.json) or a Quillan checkpoint."""
+    return load_export(path) if (path / "metadata.json").exists() else load_model_dir(path)
+
+
+def size_and_bits(path: Path, model) -> tuple[int, float]:
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if (path / "metadata.json").exists():
+        return size, json.loads((path / "metadata.json").read_text())["bits_per_weight_overall"]
+    return size, 8 * size / model.num_parameters()
+
+
+def peak_rss(path: Path) -> dict[str, int]:
+    """Peak resident memory of a fresh process that loads the model and runs one forward pass,
+    and the part of it above the process's peak before loading (interpreter + libraries)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "tasks.benchmark", str(path)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe(path: str) -> None:
+    import resource
+
+    import quillan.export  # noqa: F401  (the libraries a load needs, before the baseline)
+    meta = Path(path) / "metadata.json"
+    if meta.exists() and any(p in meta.read_text() for p in ('"int8"', '"int4"')):
+        import bitsandbytes  # noqa: F401
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, _ = load_any(Path(path))
+    with torch.no_grad():
+        model(torch.ones(1, 16, dtype=torch.long))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_rss_bytes": peak, "model_rss_bytes": peak - base}))
+
+
+def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, TokenizedRecords]) -> dict:
+    model, tokenizer = load_any(path)
+    model.eval()
+    with tqdm(total=len(test), desc=f"benchmark: {name}", unit="rec", mininterval=5) as bar:
+        acc = accuracy_by_domain(model, tokenizer, test, cfg.eval_max_new_tokens, progress=bar.update)
+    size, bits = size_and_bits(path, model)
+    row = {"accuracy": acc["accuracy"], "accuracy_by_domain": acc["by_domain"], "size_bytes": size,
+           "bits_per_weight": bits, **peak_rss(path)}
+    for split, data in ppl_sets.items():
+        row[f"{split}_perplexity"] = evaluate_loss(model, data)["perplexity"]
+    row["prefill_tokens_per_s"] = prefill_tokens_per_s(model, cfg.prefill_batch, cfg.prefill_len, cfg.repeats)
+    row["decode_tokens_per_s"] = decode_tokens_per_s(model, cfg.decode_tokens, cfg.repeats)
+    return row
+
+
+def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | None, threads: int) -> str:
+    lines = [f"## Benchmark ({threads} threads)", "",
+             "| variant | accuracy | val ppl | test ppl | size | bits/weight | peak RSS | prefill tok/s | decode tok/s | gate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for v, r in rows.items():
+        gate = (f"FAILED (−{failed[v] * 100:.1f} points)" if v in failed else
+                {"unquantized": "baseline", "reference": "not gated (not an export)"}.get(v, "passed"))
+        lines.append(f"| {v}{' 🏆' if v == champion else ''} | {r['accuracy']:.4f} | {r['val_perplexity']:.3f} | "
+                     f"{r['test_perplexity']:.3f} | {r['size_bytes'] / 1024:,.1f} KiB | {r['bits_per_weight']:.2f} | "
+                     f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB | {r['prefill_tokens_per_s']:,.0f} | "
+                     f"{r['decode_tokens_per_s']:,.1f} | {gate} |")
+    lines += ["", f"Champion: **{champion or 'none (no variant passed its gate)'}**"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: dict[str, dict]) -> list[Path]:
+    from tasks.plots import save_scatter
+
+    PLOTS_DIR.mkdir(exist_ok=True)
+    return [save_scatter(PLOTS_DIR / "benchmark_accuracy_bits.png",
+                         {v: (r["bits_per_weight"], r["accuracy"]) for v, r in rows.items()},
+                         "accuracy against bits per weight", "bits per weight (overall, on disk)", "test accuracy"),
+            save_scatter(PLOTS_DIR / "benchmark_speed_size.png",
+                         {v: (r["size_bytes"] / 1024, r["decode_tokens_per_s"]) for v, r in rows.items()},
+                         "decode speed against size", "size on disk (KiB)", "batch-1 decode tokens/s")]
+
+
+def register(tracker, champion: str, path: Path, value: float, metric: str) -> str:
+    """Log the champion as a pyfunc model (models from code: no pickle) and register it; it takes
+    the alias `champion` if it beats the current champion on `metric`, else `challenger`."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    example = ["12+30="]
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=str(ROOT / "tasks" / "pyfunc_model.py"), artifacts={"export": str(path)},
+        signature=infer_signature(example, ["42"]), input_example=example, registered_model_name=MODEL_NAME,
+        pip_requirements=["torch==2.13.0", "tokenizers", "safetensors", "bitsandbytes"],
+        code_paths=[str(ROOT / "quillan")])
+    client = mlflow.MlflowClient()
+    version = info.registered_model_version
+    client.set_model_version_tag(MODEL_NAME, version, "variant", champion)
+    client.set_model_version_tag(MODEL_NAME, version, f"primary.{metric}", str(value))
+    better = metric != "size_bytes"
+    try:
+        current = client.get_model_version_by_alias(MODEL_NAME, "champion")
+        old = float(current.tags.get(f"primary.{metric}", "nan"))
+        wins = old != old or (value > old if better else value < old)
+    except mlflow.exceptions.MlflowException:
+        wins = True
+    alias = "champion" if wins else "challenger"
+    client.set_registered_model_alias(MODEL_NAME, alias, version)
+    return f"{MODEL_NAME} v{version} @{alias}"
+
+
+def run(params: Params) -> dict:
+    cfg = params.benchmark
+    paths = candidates()
+    test_all = read_jsonl(DATA / "test.jsonl")
+    test = stratified_sample(test_all, cfg.eval_size, params.seed) if cfg.eval_size else test_all
+    base_model, tokenizer = load_model_dir(UNQUANTIZED)
+    ppl_sets = {}
+    for split in ("val", "test"):
+        recs = read_jsonl(DATA / f"{split}.jsonl")
+        recs = stratified_sample(recs, cfg.ppl_size, params.seed) if cfg.ppl_size else recs
+        ppl_sets[split] = TokenizedRecords(recs, tokenizer, base_model.cfg.max_seq_len)
+    threads = torch.get_num_threads()
+    with stage_run("benchmark", {"benchmark": cfg.model_dump(), "threads": threads}, INPUTS) as tracker:
+        rows = {name: measure(name, path, cfg, test, ppl_sets) for name, path in paths.items()}
+        failed = gate_failures({v: r["accuracy"] for v, r in rows.items() if v != "reference"}, "unquantized",
+                               cfg.max_accuracy_drop)
+        passing = [v for v in rows if v not in ("unquantized", "reference") and v not in failed]
+        champion = pick_champion(rows, passing, cfg.primary_metric)
+        metrics = {"variants": rows, "champion": champion, "gate_failed": failed, "threads": threads,
+                   "eval_records": len(test)}
+        for v, drop in failed.items():
+            print(f"benchmark: gate FAILED for {v}: accuracy {rows[v]['accuracy']:.4f} is {drop * 100:.1f} points below "
+                  f"the unquantized model (max_accuracy_drop {cfg.max_accuracy_drop * 100:.0f} points); not registered")
+        if champion and cfg.register_model:
+            metrics["registered"] = register(tracker, champion, paths[champion], rows[champion][cfg.primary_metric],
+                                             cfg.primary_metric)
+        path = write_metrics("benchmark", metrics)
+        md = markdown(rows, failed, champion, threads)
+        write_text(REPORT, md)
+        for p in _plots(rows):
+            tracker.log_artifact(p, "plots")
+        tracker.log_metrics({"variants": rows})
+        tracker.log_artifact(path)
+        tracker.log_artifact(REPORT)
+    print(md)
+    return metrics
+
+
+if __name__ == "__main__":  # the memory probe: python -m tasks.benchmark MODEL_DIR
+    _probe(sys.argv[1])

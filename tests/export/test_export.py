@@ -1,0 +1,142 @@
+"""Exports: every variant reloads from disk alone and matches the in-memory model, storage types
+and bits per weight, the packed ternary layer against BitLinear, corrupted files, gates."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quillan.bitnet import BitLinear
+from quillan.checkpoint import CheckpointError
+from quillan.config import QuillanConfig
+from quillan.export import VARIANTS, ExportConfig, convert, dequantized_weight, load, save
+from quillan.export.layers import Int8Rows, TernaryLinear
+from quillan.export.measure import gate_failures, pick_champion
+from quillan.model import Quillan
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return Quillan(QuillanConfig.preset("smoke", vocab_size=384)).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for v in VARIANTS:
+        model, plan = convert(copy.deepcopy(base), v, ExportConfig())
+        save(model, root / v, v, plan, {})
+        out[v] = (model, root / v)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_reloads_and_generates_like_the_exported_model(exported, variant):
+    model, path = exported[variant]
+    reloaded, _ = load(path)
+    ids = torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits) or variant == "fp16"
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
+        out = reloaded.generate(ids, 5, temperature=0.0)
+    assert out.shape == (2, 15)
+
+
+def test_exports_compute_the_trained_ternary_network(base, exported):
+    ids = torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = base(ids).logits
+        for v in VARIANTS:  # FP16 storage of embeddings/norms and int8/int4 formats: small differences only
+            assert (exported[v][0](ids).logits - ref).abs().max() < 0.05 * ref.abs().max(), v
+
+
+def test_storage_types_and_bits(exported):
+    import bitsandbytes as bnb
+
+    tern = load_file(str(exported["ternary"][1] / "model.safetensors"))
+    packed = {k: t for k, t in tern.items() if k.endswith(".packed")}
+    meta = json.loads((exported["ternary"][1] / "metadata.json").read_text())
+    assert packed and all(t.dtype == torch.uint8 for t in packed.values())
+    for key, t in packed.items():
+        rows, cols = meta["shapes"][key[: -len(".packed")]]
+        assert t.numel() == math.ceil(rows * cols / 5)  # 1.6 bits per weight (5 per byte)
+    model8 = exported["int8"][0]
+    lin8 = [m for m in model8.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert lin8 and all(m.weight.dtype == torch.int8 for m in lin8)
+    assert not any(isinstance(m, BitLinear) for m in model8.modules())
+    lin4 = [m for m in exported["int4"][0].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert lin4 and all(m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4" for m in lin4)
+    mixed = exported["mixed"][0]
+    kinds = {type(mixed.get_submodule(n)).__name__ for n in ("blocks.0.attn.q_proj", "blocks.0.ffn.experts.0.w1",
+                                                             "blocks.0.ffn.micro_query", "blocks.0.ffn.micro_down")}
+    assert kinds == {"TernaryLinear", "Linear4bit", "Linear8bitLt", "Int8Rows"}
+    assert type(mixed.blocks[0].ffn.overseer) is torch.nn.Linear
+
+
+def test_ternary_linear_equals_bitlinear_eval_and_stays_packed():
+    torch.manual_seed(0)
+    for per_channel in (False, True):
+        bl = BitLinear(96, 40, per_channel=per_channel).eval()
+        tl = TernaryLinear.from_float(bl.weight, per_channel)
+        x = torch.randn(3, 7, 96)
+        assert torch.allclose(tl(x), bl(x), atol=1e-5, rtol=1e-5)
+        assert tl.packed.dtype == torch.uint8 and tl.packed.numel() == 96 * 40 // 4  # 2 bits in memory
+        assert not any(b.is_floating_point() and b.numel() > 40 for b in tl.buffers())
+        assert torch.equal(dequantized_weight(tl), bl.ternary_weight())
+
+
+def test_int8_rows_round_trip():
+    w = torch.randn(2, 5, 8)
+    bank = Int8Rows.from_float(w)
+    assert bank.q.dtype == torch.int8
+    assert (bank[1] - w[1]).abs().max() <= w.abs().amax() / 127
+
+
+def test_fp16_copy_is_trainable(exported):
+    model, _ = exported["fp16"]
+    m = copy.deepcopy(model).train()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    m(torch.randint(4, 384, (2, 8))).logits.sum().backward()
+    assert m.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
+    import shutil
+
+    src = exported["ternary"][1]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read weights"):
+        load(bad)
+    shutil.copy(src / "model.safetensors", weights)
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith(".packed"))
+    tensors[key] = tensors[key][:-1]  # packed length does not match its shape
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="packed length"):
+        load(bad)
+    shutil.copy(src / "model.safetensors", weights)
+    meta = json.loads((bad / "metadata.json").read_text())
+    name = next(iter(meta["shapes"]))
+    meta["shapes"][name] = [meta["shapes"][name][0] * 2, meta["shapes"][name][1]]  # lies about a shape
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=name):
+        load(bad)
+
+
+def test_quality_gate_and_champion():
+    acc = {"unquantized": 0.50, "ternary": 0.48, "int4": 0.35, "int8": 0.50}
+    assert gate_failures(acc, "unquantized", 0.10) == pytest.approx({"int4": 0.15})
+    rows = {"ternary": {"accuracy": 0.48, "size_bytes": 10}, "int8": {"accuracy": 0.50, "size_bytes": 40},
+            "fp16": {"accuracy": 0.50, "size_bytes": 80}}
+    assert pick_champion(rows, ["ternary", "int8", "fp16"], "accuracy") == "int8"  # tie with fp16: smaller wins
+    assert pick_champion(rows, ["ternary", "int8"], "size_bytes") == "ternary"
+    assert pick_champion(rows, [], "accuracy") is None
