@@ -32,7 +32,7 @@ def test_pipeline_flow_dvc_and_gate(project):
         assert (root / rel).exists(), rel
     lock = _lock(root)
     assert set(lock) >= {"generate", "gate_data", "calibrate", "gate_calibration", "train", "gate_train", "grpo",
-                         "gate_grpo"}
+                         "gate_grpo", "export", "gate_export", "benchmark"}
     train_metrics = json.loads((root / "metrics/train.json").read_text())
     assert train_metrics["ternary"]["val_loss"] < 6.0 and "reference" in train_metrics
     for rel in ("models/train/model.safetensors", "models/train/reference/model.safetensors", "models/calibration.json",
@@ -50,7 +50,8 @@ def test_pipeline_flow_dvc_and_gate(project):
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
     assert set(children["tags.mlflow.runName"]) == {"generate", "gate_data", "calibrate", "gate_calibration",
-                                                    "train", "gate_train", "grpo", "gate_grpo"}
+                                                    "train", "gate_train", "grpo", "gate_grpo", "export",
+                                                    "gate_export", "benchmark"}
     grpo = json.loads((root / "metrics/grpo.json").read_text())
     assert grpo["steps"] == 4 and set(grpo["before"]["by_domain"]) == {"math", "code", "reasoning", "writing"}
     assert grpo["before"]["count"] == grpo["after"]["count"] == 64
@@ -63,6 +64,19 @@ def test_pipeline_flow_dvc_and_gate(project):
     gen = children[children["tags.mlflow.runName"] == "generate"].iloc[0]
     assert gen["metrics.splits/train/count"] == metrics["splits"]["train"]["count"]
     assert len(gen["tags.mlflow.source.git.commit"]) == 40
+
+    bench = json.loads((root / "metrics/benchmark.json").read_text())
+    assert set(bench["variants"]) == {"unquantized", "reference", "ternary", "fp16", "int8", "int4", "mixed"}
+    for row in bench["variants"].values():
+        assert row["decode_tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0 and row["size_bytes"] > 0
+        assert set(row["accuracy_by_domain"]) == {"math", "code", "reasoning", "writing"}
+    assert bench["variants"]["ternary"]["size_bytes"] < bench["variants"]["int4"]["size_bytes"] \
+        < bench["variants"]["fp16"]["size_bytes"] < bench["variants"]["unquantized"]["size_bytes"]
+    assert bench["champion"] in {"ternary", "fp16", "int8", "int4", "mixed"}
+    assert bench["registered"].startswith("quillan v1 @champion")
+    assert "| ternary" in (root / "reports/benchmark.md").read_text()
+    sample = run([sys.executable, "-m", "flows.cli", "sample", "models/export/ternary", "12+30=", "3+4="], root, env)
+    assert sample.stdout.count("\n") == 2  # one completion per prompt
 
     # 2. Nothing changed: dvc repro runs nothing.
     again = run(dvc + ["repro"], root, env)
@@ -86,6 +100,23 @@ def test_pipeline_flow_dvc_and_gate(project):
     assert "duplicate prompt" in err and "empty answer" in err and "answer fails its verifier" in err
     assert "train.jsonl:3 " in err  # the wrong answer, by line
     assert _lock(root)["gate_data"] == lock["gate_data"]  # the failed gate recorded nothing
+
+    # 5. A variant that loses accuracy fails its gate and is never registered.
+    from safetensors.torch import load_file, save_file
+
+    int4 = root / "models/export/int4/model.safetensors"
+    tensors = load_file(str(int4))
+    tensors["embed.weight"] = tensors["embed.weight"] * 0  # every token looks the same: accuracy 0
+    save_file(tensors, str(int4))
+    redo = run([sys.executable, "-m", "flows.cli", "stage", "benchmark", "--set", "benchmark.max_accuracy_drop=0.0",
+                "--set", "benchmark.primary_metric=size_bytes"], root, env)
+    bench2 = json.loads((root / "metrics/benchmark.json").read_text())
+    assert "int4" in bench2["gate_failed"] and "gate FAILED for int4" in redo.stdout
+    assert bench2["champion"] != "int4" and "FAILED" in (root / "reports/benchmark.md").read_text()
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions("name='quillan'")
+    assert {v.tags["variant"] for v in versions} <= {"ternary", "fp16", "int8", "mixed"}
 
 
 def test_config_error_stops_before_any_stage(project):
