@@ -41,22 +41,14 @@ def state_for_saving(model: Quillan) -> dict[str, torch.Tensor]:
     return {k: sd[k].detach().contiguous() for k in sorted(sd)}
 
 
-def read_json_file(path: Path, what: str) -> dict:
-    """A JSON object from `path`; CheckpointError naming the file if it is missing or malformed."""
+def load_config(directory: Path | str) -> QuillanConfig:
+    path = Path(directory) / CONFIG
     if not path.exists():
-        raise CheckpointError(f"{path}: file not found (is {path.parent} a {what}?)")
+        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan model directory?)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_config(directory: Path | str) -> QuillanConfig:
-    path = Path(directory) / CONFIG
-    data = read_json_file(path, "Quillan model directory")
     unknown = set(data) - QuillanConfig.field_names()
     if unknown:
         raise CheckpointError(f"{path}: unknown config keys {sorted(unknown)}")

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from quillan.bitnet import BitLinear
-from quillan.checkpoint import CheckpointError, read_json_file
+from quillan.checkpoint import CheckpointError
 from quillan.config import QuillanConfig
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.model import Quillan
@@ -251,7 +251,12 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
     path = directory / METADATA
-    meta = read_json_file(path, "Quillan export")
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan export?)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
     for key in ("variant", "config", "modules", "shapes"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing key '{key}'")
