@@ -25,6 +25,8 @@ class GRPOConfig(BaseModel):
     enabled: bool = Field(True, description="false: models/grpo is a copy of models/train (no RL)")
     steps: int = Field(60, ge=0, description="policy-update batches (each: rollouts, advantages, μ updates)")
     prompts_per_step: int = Field(16, ge=1, description="groups (distinct prompts) per batch")
+    domains: list[Literal["math", "code", "reasoning", "writing"]] | None = Field(
+        None, min_length=1, description="draw training prompts from these domains only (null: all)")
     group_size: int = Field(8, ge=2, description="G: completions sampled per prompt")
     temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature of the rollouts")
     top_k: int | None = Field(None, ge=1, description="top-k sampling of the rollouts (null: full distribution)")

@@ -35,6 +35,8 @@ class GRPOTrainer:
 
     def __init__(self, model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]], cfg: GRPOConfig,
                  seed: int):
+        if cfg.domains is not None:
+            records = [r for r in records if r["domain"] in cfg.domains]
         if len(records) < cfg.prompts_per_step:
             raise ValueError(f"{len(records)} training records, fewer than grpo.prompts_per_step ({cfg.prompts_per_step})")
         self.model, self.tokenizer, self.records, self.cfg, self.seed = model, tokenizer, records, cfg, seed

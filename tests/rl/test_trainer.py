@@ -70,7 +70,7 @@ def test_sampled_groups_and_logprobs_agree_between_train_and_eval(setup):
 
 def _trainer(setup, **kw):
     model, tok, records = setup
-    cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=4, max_new_tokens=10, lr=1e-3, **kw)
+    cfg = GRPOConfig(**{"steps": 2, "prompts_per_step": 3, "group_size": 4, "max_new_tokens": 10, "lr": 1e-3, **kw})
     return GRPOTrainer(copy.deepcopy(model), tok, records, cfg, seed=3)
 
 
@@ -122,3 +122,11 @@ def test_update_moves_the_policy_towards_higher_advantage(setup):
     m = batch["completion_mask"].float()
     seq_gain = ((logp1 - logp0).detach() * m).sum(1)
     assert bool((adv != 0).any()) and float((seq_gain * adv).sum()) > 0  # probability mass moved towards positive advantages
+
+
+def test_domains_restrict_the_training_prompts(setup):
+    t = _trainer(setup, domains=["code", "writing"])
+    drawn = [r["domain"] for step in range(4) for r in t.draw_prompts(step, 0)]
+    assert set(drawn) <= {"code", "writing"} and len(set(drawn)) == 2
+    with pytest.raises(ValueError, match="fewer than grpo.prompts_per_step"):
+        _trainer(setup, domains=["math"], prompts_per_step=1000)
