@@ -62,8 +62,8 @@ def size_and_bits(path: Path, model) -> tuple[int, float]:
 
 
 def peak_rss(path: Path) -> dict[str, int]:
-    """Peak resident memory of a fresh process that loads the model and runs one forward pass,
-    and the part of it above the process's peak before loading (interpreter + libraries)."""
+    """Peak resident memory (VmHWM) of a fresh process that loads the model and runs one forward
+    pass, and the part of it above the peak before loading (interpreter + libraries)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "tasks.benchmark", str(path)], capture_output=True, text=True,
                           env=env, cwd=ROOT)
@@ -72,18 +72,27 @@ def peak_rss(path: Path) -> dict[str, int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _probe(path: str) -> None:
+def _vm_hwm() -> int:
+    """This process's peak RSS in bytes. VmHWM, not getrusage: ru_maxrss survives exec, so a child
+    would report its parent's peak at fork time."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _probe(path: str) -> None:
     import quillan.export  # noqa: F401  (the libraries a load needs, before the baseline)
     meta = Path(path) / "metadata.json"
     if meta.exists() and any(p in meta.read_text() for p in ('"int8"', '"int4"')):
         import bitsandbytes  # noqa: F401
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _vm_hwm()
     model, _ = load_any(Path(path))
     with torch.no_grad():
         model(torch.ones(1, 16, dtype=torch.long))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     print(json.dumps({"peak_rss_bytes": peak, "model_rss_bytes": peak - base}))
 
 

@@ -25,7 +25,7 @@ from quillan.bitnet import BitLinear
 from quillan.checkpoint import CheckpointError
 from quillan.config import QuillanConfig
 from quillan.export.layers import Int8Rows, TernaryLinear
-from quillan.model import Quillan
+from quillan.model import Quillan, rope_tables
 
 VARIANTS = ("ternary", "fp16", "int8", "int4", "mixed")
 KINDS = ("attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion")
@@ -321,7 +321,8 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own types for truncated/corrupt files
         raise CheckpointError(f"{weights}: cannot read weights ({type(e).__name__}: {e})") from None
-    model = Quillan(cfg).eval()
+    with torch.device("meta"):  # nothing allocated until the stored tensors are put in place
+        model = Quillan(cfg).eval()
     replaced: list[str] = []  # names of the modules rebuilt from their stored form
     for name, precision in meta["modules"].items():
         if meta["variant"] == "fp16":
@@ -351,9 +352,13 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
     if missing or unexpected:
         raise CheckpointError(f"{weights}: does not match {meta_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     try:
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: does not match {meta_path}: {str(e).splitlines()[-1].strip()}") from None
+    model.rope_cos, model.rope_sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise CheckpointError(f"{weights}: no stored value for {name}")
     for p in model.parameters():
         p.requires_grad_(False)
     tok = directory / TOKENIZER
