@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,10 +48,47 @@ def cmd_run(args) -> int:
     from flows.pipeline import PipelineFailed, pipeline
 
     try:
-        pipeline(preset=args.preset, until=args.until)
+        pipeline(preset=args.preset, until=args.until, overrides=_parse_sets(args.set))
     except PipelineFailed as e:
         print(f"pipeline failed: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_serve(args) -> int:
+    _load(args)  # a config error stops here, not at 3 a.m.
+    from flows.pipeline import stage_order
+    from flows.schedule import ServeError, serve
+
+    if args.until is not None and args.until not in stage_order():
+        print(f"serve: --until: unknown stage {args.until!r} (one of: {', '.join(stage_order())})", file=sys.stderr)
+        return 2
+    try:
+        from prefect.schedules import Cron
+
+        Cron(args.cron)
+    except ValueError as e:
+        print(f"serve: --cron {args.cron!r}: {e}", file=sys.stderr)
+        return 2
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the local server is stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        serve(args.cron, preset=args.preset, until=args.until, overrides=_parse_sets(args.set), name=args.name,
+              host=args.host, port=args.port)
+    except ServeError as e:
+        print(f"serve: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("serve: stopped", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Prefect's event clients run in non-daemon threads that keep retrying the (now stopped)
+        # server and would keep this process alive; everything of ours is closed at this point.
+        os._exit(0)
     return 0
 
 
@@ -139,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", help="preset to run (smoke, cpu, gpu); default: the one in params.yaml")
     r.add_argument("--until", help="stop after this DVC stage")
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", parents=[common], help="serve the pipeline as a scheduled Prefect deployment",
+                        description="Create a Prefect deployment of the pipeline flow with a cron schedule and run "
+                                    "its flow runs from this process (Prefect's flow.serve). Uses the server in "
+                                    "PREFECT_API_URL, else starts a local one on 127.0.0.1. --preset, --until and "
+                                    "--set become deployment parameters; each run writes them into params.yaml.")
+    sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 every day, server time zone UTC)')
+    sv.add_argument("--preset", help="preset each run uses (default: the one in params.yaml)")
+    sv.add_argument("--until", help="stop each run after this DVC stage")
+    sv.add_argument("--name", help="deployment name (default: quillan-<preset>)")
+    sv.add_argument("--host", default="127.0.0.1", help="address of the local Prefect server (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=4200, help="port of the local Prefect server (default 4200)")
+    sv.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("validate", parents=[common], help="run a data-validation gate on files; exit 1 if it fails")
     v.add_argument("suite", help="suite name (gates/<suite>.json): data, calibration, model or export")

@@ -1,26 +1,33 @@
 """The Quillan pipeline as one Prefect flow that drives DVC's stages in dvc.yaml order.
 
 The flow does not reimplement the DAG: each Prefect task runs `dvc repro --single-item
-<stage>`, so `quillan run` and `dvc repro` share one cache and one dvc.lock, and an
-unchanged stage is skipped by DVC in both. Gates are DVC stages too; a failing gate fails
-its task, the flow run, and nothing after it runs.
+<stage>`, so `quillan run`, a scheduled deployment and `dvc repro` share one cache and one
+dvc.lock, and an unchanged stage is skipped by DVC in all three. Gates are DVC stages too; a
+failing gate fails its task and the flow run with the gate's report as the message, and
+nothing after it runs (so nothing is registered).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import ROOT
-from tasks.params import PARAMS_FILE, load_params
-from tasks.tracking import PARENT_ENV, pipeline_run
+from tasks.params import load_params, write_params
+from tasks.tracking import PARENT_ENV, pipeline_run, stage_run_link
+
+FLOW_NAME = "quillan-pipeline"
+# Failures worth a retry: another `dvc repro` holds the repo lock, or another process holds the
+# sqlite MLflow store. Everything else (a stage's own error, a failing gate) is deterministic
+# and would fail again the same way.
+TRANSIENT = ("Unable to acquire lock", "database is locked")
 
 
 class PipelineFailed(RuntimeError):
@@ -32,16 +39,6 @@ def stage_order(dvc_file: Path = ROOT / "dvc.yaml") -> list[str]:
     return list((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
 
 
-def set_preset(preset: str, params_file: Path = PARAMS_FILE) -> None:
-    """Rewrite the `preset:` line of params.yaml in place, keeping comments and the rest."""
-    text = params_file.read_text()
-    new, n = re.subn(r"(?m)^preset:.*$", f"preset: {preset}", text)
-    if n == 0:
-        new = f"preset: {preset}\n" + text
-    if new != text:
-        params_file.write_text(new)
-
-
 def _env(parent_run_id: str) -> dict[str, str]:
     env = dict(os.environ)
     env[PARENT_ENV] = parent_run_id
@@ -50,12 +47,21 @@ def _env(parent_run_id: str) -> dict[str, str]:
     return env
 
 
-@task(name="dvc-stage", task_run_name="{name}", retries=0)
-def dvc_stage(name: str, parent_run_id: str) -> str:
-    """`dvc repro --single-item NAME`; raises PipelineFailed with the output tail on failure.
+def _is_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only a failure caused by a lock another process held."""
+    try:
+        state.result()
+    except PipelineFailed as e:
+        return any(marker in str(e) for marker in TRANSIENT)
+    except Exception:
+        return False
+    return False
 
-    No retries: stages are deterministic, so a failure would fail again the same way.
-    """
+
+@task(name="dvc-stage", task_run_name="{name}", retries=2, retry_delay_seconds=20,
+      retry_condition_fn=_is_transient)
+def dvc_stage(name: str, parent_run_id: str) -> str:
+    """`dvc repro --single-item NAME`; raises PipelineFailed with the output tail on failure."""
     logger = get_run_logger()
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=ROOT,
                             env=_env(parent_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -66,20 +72,21 @@ def dvc_stage(name: str, parent_run_id: str) -> str:
             lines.append(line)
             logger.info(line)
     proc.wait()
-    out = "\n".join(lines)
     if proc.returncode != 0:
         raise PipelineFailed(f"stage '{name}' failed (exit {proc.returncode}):\n" + "\n".join(lines[-60:]))
-    skipped = "didn't change, skipping" in out
-    create_markdown_artifact(key=name.replace("_", "-"), markdown=_stage_markdown(name, skipped, parent_run_id),
+    skipped = "didn't change, skipping" in "\n".join(lines)
+    create_markdown_artifact(key=name.replace("_", "-"), markdown=stage_markdown(name, skipped, parent_run_id),
                              description=f"Quillan stage {name}")
     return "skipped" if skipped else "ran"
 
 
-def _stage_markdown(name: str, skipped: bool, parent_run_id: str) -> str:
-    metrics = ROOT / "metrics" / f"{name}.json"
+def stage_markdown(name: str, skipped: bool, parent_run_id: str) -> str:
+    """The Prefect artifact of one stage: status, link to its MLflow run, its key metrics."""
+    link = None if skipped else stage_run_link(parent_run_id, name)
     lines = [f"## {name}", "", f"status: {'up to date (skipped by DVC)' if skipped else 'ran'}",
-             f"MLflow parent run: `{parent_run_id}`", ""]
+             f"MLflow run: {link}" if link else f"MLflow parent run: `{parent_run_id}`", ""]
     report = ROOT / "reports" / f"{name}.md"
+    metrics = ROOT / "metrics" / f"{name}.json"
     if report.exists():  # the benchmark's summary table
         lines += [report.read_text(), ""]
     elif metrics.exists():
@@ -87,20 +94,41 @@ def _stage_markdown(name: str, skipped: bool, parent_run_id: str) -> str:
     return "\n".join(lines)
 
 
-@flow(name="quillan-pipeline", log_prints=True)
-def pipeline(preset: str | None = None, until: str | None = None) -> dict[str, str]:
-    """Run the DVC stages in order (optionally only up to `until`); returns stage → ran/skipped."""
-    params = load_params(preset=preset)  # config errors stop the flow before any stage
-    if preset:
-        set_preset(preset)
+def summary_markdown(preset: str, results: dict[str, str], parent_run_id: str) -> str:
+    """The flow's final artifact: what ran, and the benchmark table when the run got that far."""
+    lines = [f"# Quillan pipeline ({preset})", "", f"MLflow parent run: `{parent_run_id}`", "",
+             "| stage | status |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in results.items()]
+    report = ROOT / "reports" / "benchmark.md"
+    if "benchmark" in results and report.exists():
+        lines += ["", report.read_text()]
+    return "\n".join(lines)
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def pipeline(preset: str | None = None, until: str | None = None,
+             overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """Run the DVC stages in order (optionally only up to `until`); returns stage → ran/skipped.
+
+    `preset` and `overrides` (dotted keys, e.g. {"grpo.steps": 20}) are written into
+    params.yaml first, validated, so that dvc.lock records what was run. A config error
+    fails the flow before any stage runs.
+    """
     order = stage_order()
     if until is not None and until not in order:
         raise PipelineFailed(f"unknown stage {until!r} (one of: {', '.join(order)})")
+    changed = write_params(preset=preset, overrides=overrides)
+    if changed:
+        print("params.yaml:", ", ".join(changed))
+    params = load_params()
     results: dict[str, str] = {}
     with pipeline_run(params.preset) as run_id:
-        for name in order:
-            results[name] = dvc_stage(name, run_id)
-            if name == until:
-                break
+        try:
+            for name in order:
+                results[name] = dvc_stage(name, run_id)
+                if name == until:
+                    break
+        finally:
+            create_markdown_artifact(key="quillan-summary", markdown=summary_markdown(params.preset, results, run_id),
+                                     description="Quillan pipeline run: stages and benchmark")
     print("pipeline:", ", ".join(f"{k}={v}" for k, v in results.items()))
     return results

@@ -153,3 +153,40 @@ def load_params(params_file: Path | str = PARAMS_FILE, *, preset: str | None = N
         return Params.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, display_path(params_file))) from None
+
+
+def write_params(params_file: Path | str = PARAMS_FILE, *, preset: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> list[str]:
+    """Write `preset:` and dotted `overrides` into params.yaml, keeping its comments and layout.
+
+    The pipeline runs what params.yaml says, so that dvc.lock records what was run. The result
+    is validated before anything is written (ConfigError, file untouched) and the file is
+    replaced atomically. Returns the dotted keys whose value changed.
+    """
+    from ruamel.yaml import YAML  # round-trip YAML (a DVC dependency): comments survive
+
+    params_file = Path(params_file)
+    load_params(params_file, preset=preset, overrides=overrides)
+    changes = dict(overrides or {})
+    if preset is not None:
+        changes["preset"] = preset
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(params_file.read_text())
+    changed = []
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for key in parents:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+        if leaf not in node or node[leaf] != value:
+            node[leaf] = value
+            changed.append(dotted)
+    if changed:
+        tmp = params_file.with_name(params_file.name + ".tmp")
+        with tmp.open("w") as f:
+            rt.dump(doc, f)
+        tmp.replace(params_file)
+    return changed

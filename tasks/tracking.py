@@ -136,3 +136,21 @@ def pipeline_run(preset: str, tags: dict[str, str] | None = None) -> Iterator[st
     with mlflow.start_run(experiment_id=experiment_id(), run_name=f"pipeline-{preset}",
                           tags={"quillan.preset": preset, "mlflow.source.git.commit": git_commit(), **(tags or {})}) as run:
         yield run.info.run_id
+
+
+def stage_run_link(parent_run_id: str, stage: str) -> str | None:
+    """Where to see the latest MLflow run of `stage` under `parent_run_id`, or None if it has none.
+
+    A URL when the tracking server is http(s); otherwise the `mlflow ui` URL (its default
+    address) and the run id, since a sqlite store has no address of its own.
+    """
+    mlflow = _mlflow()
+    runs = mlflow.search_runs(experiment_ids=[experiment_id()], output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                            f"and tags.mlflow.runName = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0].info
+    base = tracking_uri() if tracking_uri().startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"

@@ -236,7 +236,9 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = export_tensors(model)
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "quillan-export", "variant": variant})
+    # One metadata key only: safetensors writes the header's metadata from a hash map, so with two
+    # keys their order (and the file's bytes) changed from one process to the next.
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "quillan-export"})
     shapes = {}
     for name in plan:
         m = model.get_submodule(name)
