@@ -70,26 +70,18 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"serve: --cron {args.cron!r}: {e}", file=sys.stderr)
         return 2
-    import signal
-
-    def _stop(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the local server is stopped too
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
     try:
         serve(args.cron, preset=args.preset, until=args.until, overrides=_parse_sets(args.set), name=args.name,
               host=args.host, port=args.port)
     except ServeError as e:
         print(f"serve: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("serve: stopped", file=sys.stderr)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # Prefect's event clients run in non-daemon threads that keep retrying the (now stopped)
-        # server and would keep this process alive; everything of ours is closed at this point.
-        os._exit(0)
-    return 0
+    print("serve: stopped", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    # Prefect's event clients run in non-daemon threads that keep retrying the (now stopped)
+    # server and would keep this process alive; everything of ours is closed at this point.
+    os._exit(0)
 
 
 def cmd_validate(args) -> int:
@@ -97,6 +89,14 @@ def cmd_validate(args) -> int:
 
     params = _load(args)
     paths = [Path(p) for p in args.paths]
+    if args.mlflow:
+        from tasks.tracking import TrackingUnreachable, check_tracking
+
+        try:
+            check_tracking()
+        except TrackingUnreachable as e:
+            print(f"validate: {e}", file=sys.stderr)
+            return 2
     try:
         result = run_gate(args.suite, paths, params, Path(args.report) if args.report else None)
     except (ValueError, FileNotFoundError) as e:

@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import ROOT
 from tasks.params import load_params, write_params
-from tasks.tracking import PARENT_ENV, pipeline_run, stage_run_link
+from tasks.tracking import PARENT_ENV, TrackingUnreachable, check_tracking, pipeline_run, stage_run_link
 
 FLOW_NAME = "quillan-pipeline"
 # Failures worth a retry: another `dvc repro` holds the repo lock, or another process holds the
@@ -116,6 +116,10 @@ def pipeline(preset: str | None = None, until: str | None = None,
     order = stage_order()
     if until is not None and until not in order:
         raise PipelineFailed(f"unknown stage {until!r} (one of: {', '.join(order)})")
+    try:
+        check_tracking()
+    except TrackingUnreachable as e:
+        raise PipelineFailed(str(e)) from None
     changed = write_params(preset=preset, overrides=overrides)
     if changed:
         print("params.yaml:", ", ".join(changed))

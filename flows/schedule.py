@@ -10,7 +10,9 @@ lasts; its UI shows the deployment, the runs and their artifacts.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,7 +51,9 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_s: float =
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+    _children.append(proc)
     try:
         deadline = time.monotonic() + startup_s
         while not _healthy(api_url):
@@ -66,6 +70,31 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_s: float =
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+_children: list[subprocess.Popen] = []
+
+
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM when the serving process dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_descendants(timeout_s: float = 20.0) -> None:
+    """Terminate what serving started and left running (an in-flight flow run and its stage)."""
+    import psutil  # a DVC dependency
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def _rel(path: Path) -> str:
@@ -91,8 +120,13 @@ def serve(cron: str, *, preset: str | None = None, until: str | None = None,
 
     from flows.pipeline import pipeline
 
-    with prefect_server(host, port) as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
-        pipeline.serve(name=name or deployment_name(preset), cron=cron,
-                       parameters={"preset": preset, "until": until, "overrides": overrides or {}},
-                       description=f"Quillan pipeline, preset {preset or 'from params.yaml'}, cron {cron!r}",
-                       tags=["quillan"])
+    try:
+        with prefect_server(host, port) as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
+            pipeline.serve(name=name or deployment_name(preset), cron=cron,
+                           parameters={"preset": preset, "until": until, "overrides": overrides or {}},
+                           description=f"Quillan pipeline, preset {preset or 'from params.yaml'}, cron {cron!r}",
+                           tags=["quillan"])
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Prefect's runner turns it into sys.exit)
+        pass
+    finally:
+        _stop_descendants()

@@ -20,7 +20,12 @@ def run_stage(name: str, params) -> dict:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r} (one of: {', '.join(STAGES)})")
     from quillan.checkpoint import CheckpointError
+    from tasks.tracking import TrackingUnreachable, check_tracking
 
+    try:
+        check_tracking()
+    except TrackingUnreachable as e:
+        raise StageError(str(e)) from e
     module = importlib.import_module(f"tasks.{name}")
     expected = (FileNotFoundError, CheckpointError, ValueError) + getattr(module, "FAILURES", ())
     try:

@@ -72,6 +72,15 @@ def peak_rss(path: Path) -> dict[str, int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_all(paths: dict[str, Path], workers: int = 2) -> dict[str, dict[str, int]]:
+    """`peak_rss` of every model, probes two at a time: each is a separate process, so running
+    them side by side does not change what each one measures, only the wall time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(paths, pool.map(peak_rss, paths.values())))
+
+
 def _vm_hwm() -> int:
     """This process's peak RSS in bytes. VmHWM, not getrusage: ru_maxrss survives exec, so a child
     would report its parent's peak at fork time."""
@@ -96,14 +105,15 @@ def _probe(path: str) -> None:
     print(json.dumps({"peak_rss_bytes": peak, "model_rss_bytes": peak - base}))
 
 
-def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, TokenizedRecords]) -> dict:
+def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, TokenizedRecords],
+            rss: dict[str, int]) -> dict:
     model, tokenizer = load_any(path)
     model.eval()
     with tqdm(total=len(test), desc=f"benchmark: {name}", unit="rec", mininterval=5) as bar:
         acc = accuracy_by_domain(model, tokenizer, test, cfg.eval_max_new_tokens, progress=bar.update)
     size, bits = size_and_bits(path, model)
     row = {"accuracy": acc["accuracy"], "accuracy_by_domain": acc["by_domain"], "size_bytes": size,
-           "bits_per_weight": bits, **peak_rss(path)}
+           "bits_per_weight": bits, **rss}
     for split, data in ppl_sets.items():
         row[f"{split}_perplexity"] = evaluate_loss(model, data)["perplexity"]
     row["prefill_tokens_per_s"] = prefill_tokens_per_s(model, cfg.prefill_batch, cfg.prefill_len, cfg.repeats)
@@ -179,7 +189,9 @@ def run(params: Params) -> dict:
         ppl_sets[split] = TokenizedRecords(recs, tokenizer, base_model.cfg.max_seq_len)
     threads = torch.get_num_threads()
     with stage_run("benchmark", {"benchmark": cfg.model_dump(), "threads": threads}, INPUTS) as tracker:
-        rows = {name: measure(name, path, cfg, test, ppl_sets) for name, path in paths.items()}
+        # Memory probes first and apart from the timed loops, so they never compete for the cores.
+        rss = peak_rss_all(paths)
+        rows = {name: measure(name, path, cfg, test, ppl_sets, rss[name]) for name, path in paths.items()}
         failed = gate_failures({v: r["accuracy"] for v, r in rows.items() if v != "reference"}, "unquantized",
                                cfg.max_accuracy_drop)
         passing = [v for v in rows if v not in ("unquantized", "reference") and v not in failed]

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from quillan.data.filters import normalize_text
+from quillan.data.tokenizer import training_text
 from quillan.data.verify import verify_record
 from tasks.common import REPORTS_DIR, ROOT, read_jsonl, write_json
 from tasks.params import Params
@@ -84,6 +85,10 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
     df["_n_chars"] = [len(p if _is_str(p) else "") + len(t if _is_str(t) else "")
                       for p, t in zip(df["prompt"], df["target"])]
     df["_n_tokens"] = _token_counts(df, tokenizer)
+    # Recorded counts come from the tokenizer generate trained; a different tokenizer disagrees.
+    recorded = df["n_tokens"] if "n_tokens" in df.columns else pd.Series([None] * len(df), index=df.index)
+    df["_tokens_match"] = [tokenizer is None or (isinstance(r, (int, float)) and r == n)
+                           for r, n in zip(recorded, df["_n_tokens"])]
     df["_prompt_key"] = df["prompt"].map(lambda p: normalize_text(p) if _is_str(p) else "")
     df["_in_other_split"] = _leaked(df, paths)
     df["_verified"] = [verify_record(r) for r in df[["prompt", "answer", "target", "verifier"]].to_dict("records")]
@@ -100,7 +105,8 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
 
 
 def _token_counts(df: pd.DataFrame, tok_path: Path | None) -> list[int]:
-    texts = [(p if _is_str(p) else "") + "\n" + (t if _is_str(t) else "") for p, t in zip(df["prompt"], df["target"])]
+    texts = [training_text({"prompt": p if _is_str(p) else "", "target": t if _is_str(t) else ""})
+             for p, t in zip(df["prompt"], df["target"])]
     if tok_path is None:
         return [int(n) if isinstance(n, (int, float)) and n == n else 0 for n in df.get("n_tokens", [0] * len(df))]
     from tokenizers import Tokenizer

@@ -116,12 +116,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _allowed_keys(section: tuple) -> list[str]:
+    """The keys a section of params.yaml accepts, e.g. ("grpo",) → GRPOConfig's fields."""
+    model: type[BaseModel] = Params
+    for part in section:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            allowed = _allowed_keys(e["loc"][:-1])
+            lines.append(f"{source}: unknown key '{key}'" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
             continue
         got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""
         lines.append(f"{source}: {key}: {e['msg']}{got}")

@@ -28,6 +28,35 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
+class TrackingUnreachable(RuntimeError):
+    """The MLflow store named by MLFLOW_TRACKING_URI cannot be used; str() says which and why."""
+
+
+def check_tracking(timeout_s: float = 5.0) -> None:
+    """Fail within seconds, before any compute, when the MLflow store cannot be reached.
+
+    MLflow's own client retries an unreachable server with backoff for minutes, and a stage logs
+    its results at the end: without this check an hour of training would be lost at the last step.
+    """
+    uri = tracking_uri()
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "default store"
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return  # it answered (auth proxies, no /health route): reachable
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnreachable(f"MLflow tracking server {uri} ({source}) is unreachable: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnreachable(f"MLflow store {uri} ({source}): folder {folder} does not exist or is not writable")
+
+
 def _mlflow():
     import mlflow  # ~2 s import: only stages that log pay for it
 
@@ -42,8 +71,8 @@ def experiment_id() -> str:
     if exp is not None:
         return exp.experiment_id
     artifacts = None
-    if tracking_uri().startswith("sqlite:"):
-        artifacts = (ROOT / "mlartifacts").as_uri()
+    if tracking_uri().startswith("sqlite:///"):  # artifacts next to the database file
+        artifacts = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     except Exception:  # created concurrently by another process

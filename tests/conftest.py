@@ -15,6 +15,17 @@ def _project_files() -> list[str]:
     return [f for f in out.stdout.splitlines() if (SRC / f).is_file()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def repo_untouched():
+    """Tests work in copies: fail the session if anything wrote this checkout's params or lock."""
+    watched = [SRC / "params.yaml", SRC / "dvc.lock"]
+    before = [p.read_bytes() if p.exists() else None for p in watched]
+    yield
+    after = [p.read_bytes() if p.exists() else None for p in watched]
+    changed = [str(p.relative_to(SRC)) for p, b, a in zip(watched, before, after) if b != a]
+    assert not changed, f"a test modified the repository itself: {changed}"
+
+
 @pytest.fixture
 def project(tmp_path):
     """A fresh git clone-like copy of this project (its code, not its outputs), preset smoke.
@@ -24,12 +35,48 @@ def project(tmp_path):
     return make_project(tmp_path / "quillan")
 
 
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """The whole smoke pipeline, run once per session in two fresh copies side by side: clone A
+    through `quillan run --preset smoke` (Prefect), clone B through `dvc repro`.
+
+    Returns {"a": (root, env, (stdout, stderr)), "b": ..., "pristine": B copied before any test
+    touched it}. Tests that change A or B live in tests/test_pipeline_e2e.py; others copy
+    `pristine` (see `copy_project`).
+    """
+    (a, env_a), (b, env_b) = (make_project(tmp_path_factory.mktemp(n) / "quillan") for n in ("a", "b"))
+    commands = (([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke"], a, env_a),
+                ([sys.executable, "-m", "dvc", "repro"], b, env_b))
+    procs = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, root, env in commands]
+    outs = [p.communicate() for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{p.args} exited {p.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    pristine = tmp_path_factory.mktemp("pristine") / "quillan"
+    shutil.copytree(b, pristine, symlinks=True)
+    return {"a": (a, env_a, outs[0]), "b": (b, env_b, outs[1]), "pristine": pristine}
+
+
 @pytest.fixture(scope="module")
-def generated_project(tmp_path_factory):
-    """A project copy (smoke preset) in which `generate` and its gate have already run."""
-    root, env = make_project(tmp_path_factory.mktemp("proj") / "quillan")
-    run([sys.executable, "-m", "dvc", "repro", "gate_data"], root, env)
-    return root, env
+def generated_project(smoke_runs, tmp_path_factory):
+    """A private copy of a finished smoke run (data, models, exports, dvc.lock, MLflow store)."""
+    return copy_project(smoke_runs["pristine"], tmp_path_factory.mktemp("proj") / "quillan")
+
+
+def copy_project(src: Path, root: Path):
+    """Copy a project directory, outputs and DVC cache included; returns (root, env) for it."""
+    shutil.copytree(src, root, symlinks=True)
+    return root, _env(root)
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root)
+    env["PWD"] = str(root)  # tools that read $PWD (Prefect's templating) must see the copy
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("QUILLAN_PARENT_RUN_ID", None)
+    return env
 
 
 def make_project(root: Path):
@@ -42,11 +89,7 @@ def make_project(root: Path):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("preset: cpu", "preset: smoke"))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("QUILLAN_PARENT_RUN_ID", None)
+    env = _env(root)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(git + ["add", "-A"], cwd=root, check=True)

@@ -1,6 +1,8 @@
-"""End to end on the smoke preset: the Prefect flow, dvc repro, MLflow, and the data gate."""
+"""End to end on the smoke preset: two fresh clones, one run through the Prefect flow and one
+through plain `dvc repro`, side by side; then reproducibility, MLflow, gates, experiments."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -9,6 +11,12 @@ import yaml
 from tests.conftest import run
 
 pytestmark = pytest.mark.slow
+DVC = [sys.executable, "-m", "dvc"]
+# What may differ between two runs of the same params on the same machine: wall-clock speeds
+# and memory. They live only in metrics/plots/reports files that DVC does not cache.
+TIME_DEPENDENT = re.compile(r"(seconds|tokens_per_s|rss_bytes)")
+TIME_DEPENDENT_FILES = {"metrics/train.json", "metrics/grpo.json", "metrics/benchmark.json",
+                        "plots/benchmark_speed_size.png", "reports/benchmark.md"}
 
 
 def _lock(root):
@@ -19,13 +27,44 @@ def _outs(lock, stage):
     return {o["path"]: o["md5"] for o in lock[stage]["outs"]}
 
 
-def test_pipeline_flow_dvc_and_gate(project):
-    root, env = project
-    dvc = [sys.executable, "-m", "dvc"]
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], tree
 
-    # 1. The Prefect flow runs every stage through DVC, under one parent MLflow run.
-    flow = run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke"], root, env)
-    assert "generate=ran" in flow.stdout + flow.stderr
+
+def test_two_clones_produce_byte_identical_artifacts(smoke_runs):
+    (a, _, _), (b, _, _) = smoke_runs["a"], smoke_runs["b"]
+    lock_a, lock_b = _lock(a), _lock(b)
+    assert set(lock_a) == set(lock_b)
+    differing = set()
+    for stage in lock_a:
+        for kind in ("deps", "outs"):
+            hashes_a = {e["path"]: e["md5"] for e in lock_a[stage].get(kind, [])}
+            hashes_b = {e["path"]: e["md5"] for e in lock_b[stage].get(kind, [])}
+            assert set(hashes_a) == set(hashes_b)
+            differing |= {p for p in hashes_a if hashes_a[p] != hashes_b[p]}
+    assert differing <= TIME_DEPENDENT_FILES, differing
+    # Data, tokenizer, calibration, both trained models, the GRPO model and every export:
+    for out in ("data/generated", "data/tokenizer.json", "models/calibration.json", "models/train", "models/grpo",
+                "models/export"):
+        assert out not in differing
+    for name in ("generate", "calibrate", "train", "grpo", "export", "benchmark"):
+        ma = dict(_leaves(json.loads((a / f"metrics/{name}.json").read_text())))
+        mb = dict(_leaves(json.loads((b / f"metrics/{name}.json").read_text())))
+        assert ma.keys() == mb.keys()
+        assert {k: v for k, v in ma.items() if not TIME_DEPENDENT.search(k)} == \
+            {k: v for k, v in mb.items() if not TIME_DEPENDENT.search(k)}, name
+
+
+def test_pipeline_flow_dvc_and_gate(smoke_runs):
+    root, env, (stdout, stderr) = smoke_runs["a"]
+    dvc = DVC
+
+    # 1. The Prefect flow ran every stage through DVC, under one parent MLflow run.
+    assert "generate=ran" in stdout + stderr
     for rel in ("data/generated/train.jsonl", "data/generated/val.jsonl", "data/generated/test.jsonl",
                 "data/tokenizer.json", "metrics/generate.json", "plots/generate_lengths.png",
                 "reports/gates/data.json", "reports/gates/data/index.html"):
@@ -108,6 +147,11 @@ def test_pipeline_flow_dvc_and_gate(project):
     tensors = load_file(str(int4))
     tensors["embed.weight"] = tensors["embed.weight"] * 0  # every token looks the same: accuracy 0
     save_file(tensors, str(int4))
+    from quillan.export import file_sha256
+
+    meta = json.loads((int4.parent / "metadata.json").read_text())
+    meta["weights_sha256"] = file_sha256(int4)  # a consistent export that is simply bad
+    (int4.parent / "metadata.json").write_text(json.dumps(meta))
     redo = run([sys.executable, "-m", "flows.cli", "stage", "benchmark", "--set", "benchmark.max_accuracy_drop=0.0",
                 "--set", "benchmark.primary_metric=size_bytes"], root, env)
     bench2 = json.loads((root / "metrics/benchmark.json").read_text())
@@ -117,6 +161,62 @@ def test_pipeline_flow_dvc_and_gate(project):
 
     versions = MlflowClient().search_model_versions("name='quillan'")
     assert {v.tags["variant"] for v in versions} <= {"ternary", "fp16", "int8", "mixed"}
+
+
+def _ran(proc) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", proc.stdout + proc.stderr))
+
+
+def test_experiments_rerun_exactly_what_a_param_feeds(smoke_runs):
+    root, env, _ = smoke_runs["b"]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(git + ["add", "-A"], root, env)
+    run(git + ["commit", "-qm", "smoke run"], root, env)
+
+    # A grpo.* param: exactly grpo, export, benchmark and their gates run again.
+    exp = run(DVC + ["exp", "run", "-n", "fewer-steps", "-S", "+grpo.steps=3"], root, env)
+    assert _ran(exp) == {"grpo", "gate_grpo", "export", "gate_export", "benchmark"}
+    diff = json.loads(run(DVC + ["metrics", "diff", "HEAD", "--json"], root, env).stdout)
+    assert diff["metrics/grpo.json"]["steps"] == {"old": 4, "new": 3, "diff": -1}
+    assert "fewer-steps" in run(DVC + ["exp", "show", "--json"], root, env).stdout
+    run(DVC + ["plots", "diff", "HEAD", "-o", "plots_diff"], root, env)
+    assert (root / "plots_diff/index.html").stat().st_size > 0
+    assert not _ran(run(DVC + ["repro"], root, env))  # nothing changed since: nothing runs
+
+    # A data.* param changes generate, and every other stage depends on generate's outputs.
+    edges = re.findall(r'"(\w+)" -> "(\w+)"', run(DVC + ["dag", "--dot"], root, env).stdout)
+    reached, frontier = set(), {"generate"}
+    while frontier:
+        reached |= frontier
+        frontier = {dst for src, dst in edges if src in frontier} - reached
+    assert reached == set(_lock(root))
+    params = root / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("data: {}", "data: {n_per_domain: 200}"))
+    status = json.loads(run(DVC + ["status", "--json"], root, env).stdout)
+    assert "generate" in status  # so `dvc repro` re-runs it, and then everything it reaches
+    params.write_text(original)
+
+
+def test_failing_gate_fails_the_flow_and_nothing_after_it_runs(smoke_runs):
+    root, env, _ = smoke_runs["b"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    versions = len(client.search_model_versions("name='quillan'"))
+    suite = root / "gates/data.json"
+    spec = json.loads(suite.read_text())
+    spec["expectations"][0]["kwargs"]["min_value"] = 10**6  # a team now demands a million rows
+    spec["expectations"][0]["meta"]["why"] = "fewer than 1000000 rows"
+    suite.write_text(json.dumps(spec, indent=1))
+    lock = _lock(root)
+    flow = run([sys.executable, "-m", "flows.cli", "run"], root, env, check=False)
+    assert flow.returncode == 1
+    err = flow.stderr
+    assert "pipeline failed: stage 'gate_data' failed" in err and "fewer than 1000000 rows" in err
+    assert _ran(flow) == {"gate_data"}  # calibrate and everything after never started
+    assert _lock(root) == lock
+    assert len(client.search_model_versions("name='quillan'")) == versions
 
 
 def test_config_error_stops_before_any_stage(project):

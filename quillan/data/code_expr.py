@@ -17,44 +17,65 @@ Node = list  # ["lit", v] | ["call", fn, arg] | ["method", name, obj, *args] | [
 _WORDS = ["cat", "dog", "sun", "tree", "blue", "code", "bit", "moe", "quill", "data", "loop", "node"]
 
 
-def evaluate(node: Node) -> Any:
-    """Value of an expression tree; raises ValueError on a malformed tree."""
+# Bounds on what a stored tree may make the verifier compute: a hostile row in a data file must
+# not be able to allocate gigabytes ("x" * 10**12) or recurse without end.
+MAX_DEPTH = 32
+MAX_LEN = 10_000
+MAX_INT = 10**18
+
+
+def evaluate(node: Node, depth: int = 0) -> Any:
+    """Value of an expression tree; raises ValueError on a malformed, too deep or too large tree."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"expression nested deeper than {MAX_DEPTH}")
+    value = _evaluate(node, depth + 1)
+    if isinstance(value, (str, list)) and len(value) > MAX_LEN or isinstance(value, int) and abs(value) > MAX_INT:
+        raise ValueError("expression value out of bounds")
+    return value
+
+
+def _evaluate(node: Node, depth: int) -> Any:
+    if not isinstance(node, list) or not node:
+        raise ValueError(f"not an expression node: {node!r:.60}")
     kind = node[0]
     if kind == "lit":
         return node[1]
     if kind == "call":
-        fn, arg = node[1], evaluate(node[2])
+        fn, arg = node[1], evaluate(node[2], depth)
         funcs = {"len": len, "sum": sum, "max": max, "min": min, "sorted": sorted, "abs": abs}
         if fn not in funcs:
             raise ValueError(f"unknown function {fn!r}")
         return funcs[fn](arg)
     if kind == "method":
-        name, obj = node[1], evaluate(node[2])
-        args = [evaluate(a) for a in node[3:]]
+        name, obj = node[1], evaluate(node[2], depth)
+        args = [evaluate(a, depth) for a in node[3:]]
         if name in ("upper", "lower") and isinstance(obj, str):
             return getattr(obj, name)()
         if name == "count" and isinstance(obj, (str, list)):
             return obj.count(args[0])
         raise ValueError(f"unknown method {name!r} on {type(obj).__name__}")
     if kind == "bin":
-        op, a, b = node[1], evaluate(node[2]), evaluate(node[3])
+        op, a, b = node[1], evaluate(node[2], depth), evaluate(node[3], depth)
         if op == "+":
             return a + b
         if op == "-":
             return a - b
         if op == "*":
+            sized, times = (a, b) if isinstance(a, (str, list)) else (b, a)
+            if isinstance(sized, (str, list)) and isinstance(times, int) and len(sized) * times > MAX_LEN:
+                raise ValueError("expression value out of bounds")
             return a * b
         if op == "%":
             return a % b
         raise ValueError(f"unknown operator {op!r}")
     if kind == "index":
-        return evaluate(node[1])[evaluate(node[2])]
+        return evaluate(node[1], depth)[evaluate(node[2], depth)]
     if kind == "slice":
-        return evaluate(node[1])[evaluate(node[2]) : evaluate(node[3])]
+        return evaluate(node[1], depth)[evaluate(node[2], depth) : evaluate(node[3], depth)]
     if kind == "rev":
-        return evaluate(node[1])[::-1]
+        return evaluate(node[1], depth)[::-1]
     if kind == "comp":
-        comp, k, seq = node[1], evaluate(node[2]), evaluate(node[3])
+        comp, k, seq = node[1], evaluate(node[2], depth), evaluate(node[3], depth)
         if comp == "mul":
             return [v * k for v in seq]
         if comp == "add":

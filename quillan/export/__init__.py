@@ -10,6 +10,7 @@ computed in float32 on load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -244,11 +245,19 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
         m = model.get_submodule(name)
         shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
     meta = {"format": "quillan-export", "variant": variant, "config": model.cfg.to_dict(), "modules": plan,
-            "shapes": shapes, **extra}
+            "shapes": shapes, "weights_sha256": file_sha256(directory / WEIGHTS), **extra}
     (directory / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
     return meta
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
@@ -259,7 +268,7 @@ def _read_metadata(directory: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
-    for key in ("variant", "config", "modules", "shapes"):
+    for key in ("variant", "config", "modules", "shapes", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing key '{key}'")
     if meta["variant"] not in VARIANTS:
@@ -319,6 +328,10 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
         raise CheckpointError(f"{meta_path}: config: {e}") from None
     if not weights.exists():
         raise CheckpointError(f"{weights}: file not found")
+    # safetensors has no checksum: a flipped bit in tensor data would load silently.
+    if file_sha256(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 differs from {METADATA}'s weights_sha256: the file is corrupted "
+                              f"or was replaced; re-run the export")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own types for truncated/corrupt files

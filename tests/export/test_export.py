@@ -109,27 +109,48 @@ def test_fp16_copy_is_trainable(exported):
 def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
     import shutil
 
+    from quillan.export import file_sha256
+
     src = exported["ternary"][1]
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
-    weights = bad / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
-    with pytest.raises(CheckpointError, match="model.safetensors: cannot read weights"):
+    weights, meta_path = bad / "model.safetensors", bad / "metadata.json"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 differs"):
         load(bad)
-    shutil.copy(src / "model.safetensors", weights)
+    flipped = bytearray(original)
+    flipped[-100] ^= 0x10  # one bit inside the tensor data: safetensors itself would load this
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 differs .* corrupted"):
+        load(bad)
+
+    def rewrite_with_true_checksum(tensors):  # a consistent file whose content is wrong
+        save_file(tensors, str(weights))
+        meta = json.loads(meta_path.read_text())
+        meta["weights_sha256"] = file_sha256(weights)
+        meta_path.write_text(json.dumps(meta))
+
+    weights.write_bytes(original)
     tensors = load_file(str(weights))
     key = next(k for k in tensors if k.endswith(".packed"))
     tensors[key] = tensors[key][:-1]  # packed length does not match its shape
-    save_file(tensors, str(weights))
+    rewrite_with_true_checksum(tensors)
     with pytest.raises(CheckpointError, match="packed length"):
         load(bad)
-    shutil.copy(src / "model.safetensors", weights)
-    meta = json.loads((bad / "metadata.json").read_text())
+    weights.write_bytes(original)
+    meta = json.loads((src / "metadata.json").read_text())
     name = next(iter(meta["shapes"]))
     meta["shapes"][name] = [meta["shapes"][name][0] * 2, meta["shapes"][name][1]]  # lies about a shape
-    (bad / "metadata.json").write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=name):
         load(bad)
+    truncated = bytes(original[: len(original) // 2])
+    weights.write_bytes(truncated)
+    meta["weights_sha256"] = file_sha256(weights)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read weights"):
+        load(bad)  # a truncated file with a matching checksum still fails as unreadable
 
 
 def test_quality_gate_and_champion():

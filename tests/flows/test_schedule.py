@@ -2,6 +2,7 @@
 
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def test_serve_runs_on_its_schedule_and_prefect_yaml_deploys(project, tmp_path):
         deployment = _post(api, "/deployments/filter", {"limit": 5, "offset": 0})
         assert [d["name"] for d in deployment] == ["quillan-smoke"]
         assert [s["schedule"]["cron"] for s in deployment[0]["schedules"]] == ["* * * * *"]
+        # One scheduled run is the proof; pause so the next minute's does not run beside what follows.
+        _post(api, f"/deployments/{deployment[0]['id']}/pause_deployment", {})
         stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
         assert set(stages) == {"generate", "gate_data"}  # --until gate_data: nothing after it ran
         assert yaml.safe_load((root / "params.yaml").read_text())["preset"] == "smoke"
@@ -83,9 +86,11 @@ def test_serve_runs_on_its_schedule_and_prefect_yaml_deploys(project, tmp_path):
         assert nightly[0]["parameters"]["preset"] == "cpu" and nightly[0]["work_pool_name"] == "quillan"
         run(cli + ["deployment", "run", "quillan-pipeline/quillan-nightly", "-p", "preset=smoke", "-p", "until=generate"],
             root, penv)
-        run(cli + ["worker", "start", "--pool", "quillan", "--run-once"], root, penv)
+        worker = run(cli + ["worker", "start", "--pool", "quillan", "--run-once"], root, penv)
         manual = [r for r in _flow_runs(api) if r["deployment_id"] == nightly[0]["id"] and not r["auto_scheduled"]]
-        assert [r["state_type"] for r in manual] == ["COMPLETED"]
+        assert [r["state_type"] for r in manual] == ["COMPLETED"], worker.stdout[-3000:] + worker.stderr[-3000:]
+        with sqlite3.connect(root / "mlflow.db") as db:  # both runs logged in this checkout's store
+            assert db.execute("select count(*) from runs where name = 'pipeline-smoke'").fetchone() == (2,)
     finally:
         serve.terminate()
         serve.wait(timeout=60)

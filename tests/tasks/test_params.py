@@ -58,3 +58,30 @@ def test_deep_merge_does_not_mutate():
     b = {"x": {"y": 3}}
     assert deep_merge(a, b) == {"x": {"y": 3, "z": 2}}
     assert a == {"x": {"y": 1, "z": 2}}
+
+
+def test_write_params_keeps_comments_and_records_what_changed(tmp_path):
+    from tasks.params import PARAMS_FILE, write_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text(PARAMS_FILE.read_text())
+    changed = write_params(p, preset="smoke", overrides={"grpo.steps": 3, "seed": 0})
+    assert changed == ["grpo.steps", "preset"]  # seed was already 0
+    text = p.read_text()
+    assert "# GRPO/DAPO on verifiable rewards" in text and "# Quillan pipeline parameters" in text
+    loaded = load_params(p)
+    assert loaded.preset == "smoke" and loaded.grpo.steps == 3 and loaded.data.vocab_size == 384
+    assert write_params(p, preset="smoke") == []
+
+
+def test_write_params_rejects_bad_values_without_touching_the_file(tmp_path):
+    from tasks.params import PARAMS_FILE, write_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text(PARAMS_FILE.read_text())
+    before = p.read_bytes()
+    with pytest.raises(ConfigError, match=r"unknown key 'grpo.stepz'"):
+        write_params(p, overrides={"grpo.stepz": 3})
+    with pytest.raises(ConfigError, match=r"unknown preset 'tiny'"):
+        write_params(p, preset="tiny")
+    assert p.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

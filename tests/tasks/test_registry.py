@@ -1,6 +1,7 @@
 """The MLflow registry round trip against the sqlite store: register an export as `quillan`,
 aliases champion/challenger, and load it by alias in a fresh process (models from code, no pickle)."""
 
+import ast
 import copy
 import os
 import subprocess
@@ -46,5 +47,5 @@ def test_register_aliases_and_fresh_process_predict(export_dir, tmp_path, monkey
     env["MLFLOW_TRACKING_URI"] = uri
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = eval(proc.stdout.strip().splitlines()[-1])  # the repr of a list of strings we printed
+    out = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the repr of a list of strings we printed
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import run
 
@@ -50,10 +51,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generated_project):
     assert not (root / "models/train/model.safetensors").exists()
 
 
-def test_two_process_cpu_ddp_completes(generated_project):
+def test_two_process_cpu_ddp_through_dvc_repro(generated_project):
     root, env = generated_project
     subprocess.run(["rm", "-rf", str(root / "models" / "train")], check=True)
-    proc = run(STAGE + ["--set", "train.strategy=ddp", "--set", "train.devices=2", "--set", "train.max_steps=8"],
-               root, env)
-    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace(
+        "train: {}", "train: {strategy: ddp, devices: 2, max_steps: 8, fp_reference: false}"))
+    proc = run([sys.executable, "-m", "dvc", "repro", "train"], root, env)
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr  # Lightning DDP over gloo
+    assert "Running stage 'train'" in proc.stdout
     assert (root / "models/train/model.safetensors").exists()
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]["train"]
+    assert locked == {"strategy": "ddp", "devices": 2, "max_steps": 8, "fp_reference": False}
