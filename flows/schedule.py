@@ -18,10 +18,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Iterator
 
 from tasks.common import ROOT
+from tasks.params import display_path
 
 
 class ServeError(RuntimeError):
@@ -53,7 +53,6 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_s: float =
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
                                  "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent)
-    _children.append(proc)
     try:
         deadline = time.monotonic() + startup_s
         while not _healthy(api_url):
@@ -62,7 +61,7 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_s: float =
                 raise ServeError(f"the Prefect server on {host}:{port} did not start "
                                  f"(log: {log_path}):\n{tail}")
             time.sleep(0.5)
-        print(f"Prefect server: http://{host}:{port} (log: {_rel(log_path)})", flush=True)
+        print(f"Prefect server: http://{host}:{port} (log: {display_path(log_path)})", flush=True)
         yield api_url
     finally:
         proc.terminate()
@@ -70,9 +69,6 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200, startup_s: float =
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-_children: list[subprocess.Popen] = []
 
 
 def _die_with_parent() -> None:
@@ -95,13 +91,6 @@ def _stop_descendants(timeout_s: float = 20.0) -> None:
     for child in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def deployment_name(preset: str | None) -> str:

@@ -88,12 +88,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c = value` inside a nested dict, creating levels as needed."""
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> bool:
+    """Set `a.b.c = value` inside a nested dict, creating levels as needed (an empty YAML
+    section, None, counts as missing); returns whether the value changed."""
     *parents, leaf = dotted.split(".")
     for key in parents:
-        tree = tree.setdefault(key, {})
+        if tree.get(key) is None:
+            tree[key] = {}
+        tree = tree[key]
+    if leaf in tree and tree[leaf] == value:
+        return False
     tree[leaf] = value
+    return True
 
 
 def display_path(path: Path) -> str:
@@ -186,17 +192,7 @@ def write_params(params_file: Path | str = PARAMS_FILE, *, preset: str | None = 
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(params_file.read_text())
-    changed = []
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for key in parents:
-            if node.get(key) is None:
-                node[key] = {}
-            node = node[key]
-        if leaf not in node or node[leaf] != value:
-            node[leaf] = value
-            changed.append(dotted)
+    changed = [dotted for dotted, value in changes.items() if set_dotted(doc, dotted, value)]
     if changed:
         tmp = params_file.with_name(params_file.name + ".tmp")
         with tmp.open("w") as f:
