@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", parents=[common], help="run the whole DAG through the Prefect flow (drives dvc repro)",
                        description="Run every DVC stage in order, gates between them, as one Prefect flow run "
-                                   "with one parent MLflow run. --preset writes `preset: P` into params.yaml first "
-                                   "so that dvc.lock records what was run.")
+                                   "with one parent MLflow run. --preset and --set are validated, then written into "
+                                   "params.yaml (comments kept), so that dvc.lock records what was run.")
     r.add_argument("--preset", help="preset to run (smoke, cpu, gpu); default: the one in params.yaml")
     r.add_argument("--until", help="stop after this DVC stage")
     r.set_defaults(func=cmd_run)
