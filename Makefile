@@ -10,10 +10,11 @@ export DO_NOT_TRACK := 1
 
 .PHONY: install pipeline test test-fast clean-outputs
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml quillan/kernels/ternary.cpp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m quillan.kernels  # the native ternary kernels (C++, ~3 s)
 	touch $@
 
 install: $(BIN)/.installed

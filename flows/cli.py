@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _load(args) -> "object":
 
 
 def cmd_stage(args) -> int:
-    from tasks import StageError, run_stage
+    from tasks import StageError, StageInterrupted, run_stage
 
     params = _load(args)
     try:
@@ -40,6 +41,10 @@ def cmd_stage(args) -> int:
     except StageError as e:
         print(f"stage {args.name} failed: {e}", file=sys.stderr)
         return 1
+    except StageInterrupted as e:
+        print(f"stage {args.name} interrupted by {e}: no output was written; running it again resumes "
+              f"from the last checkpoint (train, grpo) or starts over", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -24,10 +24,25 @@ from tasks.params import load_params, write_params
 from tasks.tracking import PARENT_ENV, TrackingUnreachable, check_tracking, pipeline_run, stage_run_link
 
 FLOW_NAME = "quillan-pipeline"
-# Failures worth a retry: another `dvc repro` holds the repo lock, or another process holds the
-# sqlite MLflow store. Everything else (a stage's own error, a failing gate) is deterministic
-# and would fail again the same way.
-TRANSIENT = ("Unable to acquire lock", "database is locked")
+# Failures worth a retry: another `dvc repro` holds the repo lock or (while its stage command
+# runs) the read/write lock on the stage's files, or another process holds the sqlite MLflow
+# store. Everything else (a stage's own error, a failing gate) is deterministic and would fail
+# again the same way.
+DVC_LOCKED = ("Unable to acquire lock", "is busy, it is being blocked by")
+TRANSIENT = (*DVC_LOCKED, "database is locked")
+LOCK_RETRIES, LOCK_DELAY_ENV = 2, "QUILLAN_LOCK_RETRY_DELAY_S"
+
+
+def lock_retry_delay_s() -> float:
+    """Seconds between retries of a stage that found the DVC or MLflow lock held (default 20)."""
+    raw = os.environ.get(LOCK_DELAY_ENV, "20")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise PipelineFailed(f"{LOCK_DELAY_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 class PipelineFailed(RuntimeError):
@@ -58,7 +73,7 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="dvc-stage", task_run_name="{name}", retries=2, retry_delay_seconds=20,
+@task(name="dvc-stage", task_run_name="{name}", retries=LOCK_RETRIES, retry_delay_seconds=20,
       retry_condition_fn=_is_transient)
 def dvc_stage(name: str, parent_run_id: str) -> str:
     """`dvc repro --single-item NAME`; raises PipelineFailed with the output tail on failure."""
@@ -72,6 +87,11 @@ def dvc_stage(name: str, parent_run_id: str) -> str:
             lines.append(line)
             logger.info(line)
     proc.wait()
+    locked = [line for line in lines if any(marker in line for marker in DVC_LOCKED)]
+    if proc.returncode != 0 and locked:
+        raise PipelineFailed(f"stage '{name}': another `dvc repro` or `quillan run` is running in {ROOT} "
+                             f"(DVC: {locked[0].removeprefix('ERROR: ').strip()}); this run stopped before "
+                             f"changing anything. Run it again when the other one has finished.")
     if proc.returncode != 0:
         raise PipelineFailed(f"stage '{name}' failed (exit {proc.returncode}):\n" + "\n".join(lines[-60:]))
     skipped = "didn't change, skipping" in "\n".join(lines)
@@ -120,6 +140,7 @@ def pipeline(preset: str | None = None, until: str | None = None,
         check_tracking()
     except TrackingUnreachable as e:
         raise PipelineFailed(str(e)) from None
+    stage = dvc_stage.with_options(retry_delay_seconds=lock_retry_delay_s())
     changed = write_params(preset=preset, overrides=overrides)
     if changed:
         print("params.yaml:", ", ".join(changed))
@@ -128,7 +149,7 @@ def pipeline(preset: str | None = None, until: str | None = None,
     with pipeline_run(params.preset) as run_id:
         try:
             for name in order:
-                results[name] = dvc_stage(name, run_id)
+                results[name] = stage(name, run_id)
                 if name == until:
                     break
         finally:

@@ -1,12 +1,17 @@
-"""Model directories: `model.safetensors` + `config.json` (+ `tokenizer.json`). No pickles.
+"""Model directories: `model.safetensors` + `config.json` (+ `tokenizer.json`) + `checksums.json`.
+No pickles.
 
 Layout shared by models/train/, models/grpo/ and anything that loads a Quillan model.
+safetensors has no checksum of its own, so a flipped bit in tensor data would load silently:
+`checksums.json` holds the sha256 of every file written here and loading verifies them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +20,7 @@ from tokenizers import Tokenizer
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+WEIGHTS, CONFIG, TOKENIZER, CHECKSUMS = "model.safetensors", "config.json", "tokenizer.json", "checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -30,6 +35,42 @@ def save_model_dir(directory: Path | str, model: Quillan, tokenizer: Tokenizer |
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
+    files = [WEIGHTS, CONFIG] + ([TOKENIZER] if tokenizer is not None else [])
+    sums = {name: file_sha256(directory / name) for name in files}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in chunks)."""
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """The parsed JSON of `path`; CheckpointError naming the file if missing or malformed.
+    `what` completes "is <directory> <what>?" in the missing-file message."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found (is {path.parent} {what}?)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def verify_checksums(directory: Path | str) -> None:
+    """Raise CheckpointError naming the file if any file listed in `checksums.json` is missing
+    or its sha256 differs (truncated, bit-flipped or replaced)."""
+    directory = Path(directory)
+    sums = read_json_file(directory / CHECKSUMS, "a Quillan model directory written by save_model_dir")
+    if not isinstance(sums, dict) or WEIGHTS not in sums:
+        raise CheckpointError(f"{directory / CHECKSUMS}: expected an object with the sha256 of {WEIGHTS}")
+    for name, expected in sorted(sums.items()):
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: file not found (listed in {CHECKSUMS})")
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"{path}: sha256 differs from {CHECKSUMS}: the file is corrupted or was "
+                                  f"replaced; re-run the stage that wrote {directory}")
 
 
 def state_for_saving(model: Quillan) -> dict[str, torch.Tensor]:
@@ -43,12 +84,9 @@ def state_for_saving(model: Quillan) -> dict[str, torch.Tensor]:
 
 def load_config(directory: Path | str) -> QuillanConfig:
     path = Path(directory) / CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan model directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
+    data = read_json_file(path, "a Quillan model directory")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config keys")
     unknown = set(data) - QuillanConfig.field_names()
     if unknown:
         raise CheckpointError(f"{path}: unknown config keys {sorted(unknown)}")
@@ -59,9 +97,13 @@ def load_config(directory: Path | str) -> QuillanConfig:
 
 
 def load_model_dir(directory: Path | str, device: str | torch.device = "cpu") -> tuple[Quillan, Tokenizer | None]:
-    """The model (eval mode) and its tokenizer (None if the directory has none)."""
+    """The model (eval mode) and its tokenizer (None if the directory has none).
+
+    Raises CheckpointError naming the file for a missing, truncated, bit-flipped or mismatched file.
+    """
     directory = Path(directory)
     cfg = load_config(directory)
+    verify_checksums(directory)
     model = Quillan(cfg)
     weights = directory / WEIGHTS
     if not weights.exists():

@@ -1,7 +1,7 @@
 """Ternary weight packing: 5 trits per byte (3^5 = 243 ≤ 256) → 1.6 bits per weight.
 
-log2(3) ≈ 1.585 bits is the limit; 1.6 is within 1 %. A 2-bit layout (4 weights per byte),
-faster to decode for compute, is provided beside it; storage uses the 1.6-bit one.
+log2(3) ≈ 1.585 bits is the limit; 1.6 is within 1 %. Storage uses this layout; in memory, for
+compute, the exports hold 2-bit codes in the kernel layout of `quillan.kernels.pack_i2`.
 """
 
 from __future__ import annotations
@@ -59,27 +59,6 @@ def unpack_ternary(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) ->
     if idx.numel() and int(idx.max()) >= 243:
         raise ValueError(f"packed byte {int(idx.max())} is not a valid 5-trit code (< 243)")
     return _TABLE[idx].reshape(-1)[:numel].reshape(shape)
-
-
-def pack_2bit(q: torch.Tensor) -> torch.Tensor:
-    """4 weights per byte, 2 bits each (code = q + 1), for kernels that decode with shifts."""
-    _check_ternary(q)
-    flat = q.reshape(-1).to(torch.int32) + 1
-    pad = (-flat.numel()) % 4
-    if pad:
-        flat = torch.cat([flat, torch.ones(pad, dtype=torch.int32)])
-    v = flat.view(-1, 4)
-    return (v[:, 0] | (v[:, 1] << 2) | (v[:, 2] << 4) | (v[:, 3] << 6)).to(torch.uint8)
-
-
-def unpack_2bit(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    numel = math.prod(shape)
-    if packed.numel() != math.ceil(numel / 4):
-        raise ValueError(f"packed length {packed.numel()} does not match shape {tuple(shape)} "
-                         f"(needs {math.ceil(numel / 4)} bytes)")
-    b = packed.to(torch.int32)[:, None]
-    codes = (b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3
-    return (codes - 1).to(torch.int8).reshape(-1)[:numel].reshape(shape)
 
 
 def bits_per_weight(numel: int, nbytes: int) -> float:

@@ -88,11 +88,9 @@ def git_commit() -> str:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
+    """Hex md5 of a file's bytes: what DVC records for it."""
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def dvc_hashes(paths: list[str]) -> dict[str, str]:

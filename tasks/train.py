@@ -149,8 +149,9 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
     hist = {"train": history.train_rows, "val": history.val_rows,
             "expert_load": [x.tolist() for x in module.expert_load]}
     if trainer.is_global_zero:
-        save_model_dir(done_dir, module.model)
-        (done_dir / "history.json").write_text(json.dumps(hist))
+        with atomic_path(done_dir) as tmp:  # a kill while saving leaves no half-written "done"
+            save_model_dir(tmp, module.model)
+            (tmp / "history.json").write_text(json.dumps(hist))
     return module.model, hist
 
 

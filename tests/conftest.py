@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def run(cmd, root, env, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def interrupt_when(cmd, root, env, ready, sig, timeout_s=300.0):
+    """Start `cmd`, wait until `ready()` is true (polling), send `sig`; returns (exit code, stderr).
+
+    Fails the test if the command ends on its own or `ready()` never holds within `timeout_s`."""
+    log = root / ".interrupted.stderr"  # a file, not a pipe: progress bars would fill a pipe and block
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + timeout_s
+        while not ready():
+            assert proc.poll() is None, f"{cmd} ended (exit {proc.returncode}) before it could be interrupted"
+            assert time.time() < deadline, f"{cmd}: not ready to interrupt after {timeout_s} s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    stderr = log.read_text()
+    log.unlink()
+    return proc.returncode, stderr

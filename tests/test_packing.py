@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from quillan.packing import bits_per_weight, pack_2bit, pack_ternary, packed_size, unpack_2bit, unpack_ternary
+from quillan.packing import bits_per_weight, pack_ternary, packed_size, unpack_ternary
 
 
 @pytest.mark.parametrize("shape", [(1,), (4,), (5,), (6,), (7, 3), (3, 11, 13), (64, 129), (0,)])
@@ -13,7 +13,6 @@ def test_round_trip_exact_for_every_shape(shape):
     packed = pack_ternary(q)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_size(q.numel())
     assert torch.equal(unpack_ternary(packed, shape), q)
-    assert torch.equal(unpack_2bit(pack_2bit(q), shape), q)
 
 
 def test_five_trits_per_byte_encoding():

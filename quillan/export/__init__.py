@@ -10,7 +10,6 @@ computed in float32 on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from quillan.bitnet import BitLinear
-from quillan.checkpoint import CheckpointError
+from quillan.checkpoint import CheckpointError, file_sha256, read_json_file
 from quillan.config import QuillanConfig
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.model import Quillan, rope_tables
@@ -252,22 +251,11 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
     return meta
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_metadata(directory: Path) -> dict[str, Any]:
     path = directory / METADATA
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found (is {directory} a Quillan export?)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg})") from None
+    meta = read_json_file(path, "a Quillan export")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     for key in ("variant", "config", "modules", "shapes", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing key '{key}'")

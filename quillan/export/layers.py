@@ -1,9 +1,17 @@
 """Inference modules of the exports: packed ternary linear layers (W1.58A8) and int8 row banks.
 
-`TernaryLinear` keeps its weights packed 4 per byte (2 bits per weight) in memory and computes
-y = s_w · s_x · (q_x @ q_wᵀ) with q_x the per-token int8 activations (BitNet §2) and an exact
-integer-valued matrix product: the same numbers as `BitLinear` in eval mode. The weights are
-unpacked per call; no float copy of them is kept between calls.
+`TernaryLinear` keeps its weights packed 4 per byte (2 bits per weight, the I2 layout of
+`quillan.kernels`) and computes y = s_w · s_x · (q_x @ q_wᵀ) with q_x the per-token int8
+activations (BitNet §2) and an exact integer product: the same numbers as `BitLinear` in eval
+mode. No float copy of the weights exists between calls.
+
+Kernel paths (`TernaryLinear.PATHS`), all giving bit-identical outputs:
+- `native`: the C++ kernel reading the packed weights directly (AVX2 maddubs on 2-bit codes),
+  fused with the activation quantization; one call per layer. The default where it builds.
+- `float`: PyTorch only: codes unpacked per call to an integer-valued float32 matrix, float GEMM
+  (exact while in_features · 127 < 2^24). The fallback where the kernel cannot be built.
+- `int_mm`: PyTorch only: codes unpacked per call to int8, `torch._int_mm`. Measured by
+  `bench/linear.py`; 50-100x slower than `float` on this 2-core AVX2 CPU, so never chosen.
 """
 
 from __future__ import annotations
@@ -11,61 +19,86 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quillan.bitnet import activation_quantize, ternary_quantize
-from quillan.packing import pack_2bit, pack_ternary, unpack_2bit, unpack_ternary
+from quillan import kernels
+from quillan.bitnet import EPS, activation_quantize, ternary_quantize
+from quillan.packing import pack_ternary, unpack_ternary
+
+
+def default_path() -> str:
+    """`native` if the C++ kernels load (they win at every shape bench/linear.py measures), else `float`."""
+    return "native" if kernels.library() is not None else "float"
 
 
 class TernaryLinear(nn.Module):
     """y = x Wᵀ for ternary W = scale · q, q ∈ {-1, 0, 1}^(out, in), packed 2 bits per weight.
 
-    Buffers: `packed` (uint8, ceil(out·in / 4)) and `scale` (float32, () or (out, 1)).
+    Buffers: `packed` (uint8, (out, ceil(in / 128) · 32)) and `scale` (float32, () or (out, 1)).
     With `act_quant`, x is quantized per token to int8 and multiplied in integers.
     """
+
+    PATHS = ("native", "float", "int_mm")
 
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scale: torch.Tensor,
                  act_quant: bool = True):
         super().__init__()
+        expected = (out_features, kernels.padded(in_features) // 4)
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+            raise ValueError(f"packed weights must be uint8 {expected} for ({out_features}, {in_features}), "
+                             f"got {packed.dtype} {tuple(packed.shape)}")
         self.in_features, self.out_features, self.act_quant = in_features, out_features, act_quant
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale.float())
+        self.path = default_path()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, per_channel: bool = False, act_quant: bool = True) -> "TernaryLinear":
         """Quantize a float weight (out, in) with absmean (BitNet b1.58 eq. 1-3) and pack it."""
         q, scale = ternary_quantize(weight.detach().float(), per_channel)
-        return cls(weight.shape[1], weight.shape[0], pack_2bit(q), scale, act_quant)
+        return cls(weight.shape[1], weight.shape[0], kernels.pack_i2(q), scale, act_quant)
 
     @classmethod
     def from_export(cls, packed_1p6: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
                     act_quant: bool = True) -> "TernaryLinear":
         """From the on-disk form: 5 weights per byte (`quillan.packing.pack_ternary`)."""
         q = unpack_ternary(packed_1p6, shape)
-        return cls(shape[1], shape[0], pack_2bit(q), scale, act_quant)
+        return cls(shape[1], shape[0], kernels.pack_i2(q), scale, act_quant)
 
     def ternary(self) -> torch.Tensor:
         """q (out, in) int8, unpacked on demand."""
-        return unpack_2bit(self.packed, (self.out_features, self.in_features))
+        return kernels.unpack_i2(self.packed, self.in_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed codes in memory (the scale adds 4 bytes, or 4 per row if per channel)."""
+        return self.packed.numel()
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """The on-disk form: `packed` at 1.6 bits per weight and `scale`."""
         return {"packed": pack_ternary(self.ternary()), "scale": self.scale.clone()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """x (..., in) float → (..., out) in x's dtype. `path` overrides `self.path` (benchmarks, tests)."""
+        path = path or self.path
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        q = self.ternary()
-        if self.act_quant:
-            xq, xs = activation_quantize(x2.float())
-            # Integer-valued operands in float32: exact while in_features·127 < 2^24. On this
-            # 2-core CPU torch._int_mm is 20-30x slower than the float GEMM at these widths.
-            y = (xq.float() @ q.t().float()) * xs
+        if not self.act_quant:  # float activations against the ternary weights (no integer product)
+            y = x2.float() @ self.ternary().t().float()
+        elif path == "native":
+            y = kernels.ternary_linear(x2, self.packed, self.in_features, self.scale, EPS)
         else:
-            y = x2.float() @ q.t().float()
-        y = y * (self.scale.view(1, -1) if self.scale.dim() else self.scale)
+            xq, xs = activation_quantize(x2.float())
+            if path == "int_mm":
+                y = torch._int_mm(xq, self.ternary().t().contiguous()).float() * xs
+            elif path == "float":
+                y = (xq.float() @ self.ternary().t().float()) * xs
+            else:
+                raise ValueError(f"unknown kernel path {path!r} (one of: {', '.join(self.PATHS)})")
+        if path != "native" or not self.act_quant:
+            y = y * (self.scale.view(1, -1) if self.scale.dim() else self.scale)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, bits=2"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, "
+                f"bits=2, path={self.path}")
 
 
 class Int8Rows(nn.Module):

@@ -78,15 +78,23 @@ def test_storage_types_and_bits(exported):
     assert type(mixed.blocks[0].ffn.overseer) is torch.nn.Linear
 
 
-def test_ternary_linear_equals_bitlinear_eval_and_stays_packed():
+@pytest.mark.parametrize("path", TernaryLinear.PATHS)
+@pytest.mark.parametrize("shape", [(96, 40), (256, 128), (300, 7)])
+def test_ternary_linear_equals_bitlinear_eval_and_stays_packed(path, shape):
+    """Every kernel path computes BitLinear's eval function; the native kernel and the int8 path
+    give the same bits as the float reference path (the integer product is exact in each)."""
     torch.manual_seed(0)
+    k, n = shape
     for per_channel in (False, True):
-        bl = BitLinear(96, 40, per_channel=per_channel).eval()
+        bl = BitLinear(k, n, per_channel=per_channel).eval()
         tl = TernaryLinear.from_float(bl.weight, per_channel)
-        x = torch.randn(3, 7, 96)
-        assert torch.allclose(tl(x), bl(x), atol=1e-5, rtol=1e-5)
-        assert tl.packed.dtype == torch.uint8 and tl.packed.numel() == 96 * 40 // 4  # 2 bits in memory
-        assert not any(b.is_floating_point() and b.numel() > 40 for b in tl.buffers())
+        for m in (1, 5, 33):  # decode, small batch, a tile remainder
+            x = torch.randn(m, 3, k)
+            y = tl(x, path=path)
+            assert torch.allclose(y, bl(x), atol=1e-5, rtol=1e-5)
+            assert torch.equal(y, tl(x, path="float"))
+        assert tl.packed.dtype == torch.uint8 and tl.packed.numel() == n * (-(-k // 128) * 128) // 4  # 2 bits
+        assert not any(b.is_floating_point() and b.numel() > n for b in tl.buffers())
         assert torch.equal(dequantized_weight(tl), bl.ternary_weight())
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 import yaml
 
@@ -65,6 +66,10 @@ def test_serve_runs_on_its_schedule_and_prefect_yaml_deploys(project, tmp_path):
         done = _wait_for(lambda: [r for r in _flow_runs(api) if r["auto_scheduled"] and r["state_type"] == "COMPLETED"],
                          240, "a scheduled run to complete", serve, log)
         assert done[0]["parameters"] == {"preset": "smoke", "until": "gate_data", "overrides": {}}
+        # The server started for the user listens on loopback only.
+        listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}, listening
         deployment = _post(api, "/deployments/filter", {"limit": 5, "offset": 0})
         assert [d["name"] for d in deployment] == ["quillan-smoke"]
         assert [s["schedule"]["cron"] for s in deployment[0]["schedules"]] == ["* * * * *"]

@@ -5,11 +5,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import interrupt_when, run
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "flows.cli", "stage"]
@@ -25,21 +24,34 @@ def trained_project(generated_project):
     return generated_project  # a finished smoke run: models/train is there
 
 
-def test_killed_grpo_resumes_to_the_same_weights(trained_project):
+def _checkpoint_step(state):
+    try:
+        return json.loads(state.read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_interrupted_grpo_resumes_to_the_same_weights(trained_project):
+    """SIGTERM after the first checkpoint, SIGKILL of the resumed run after a later one, then a
+    third run: the same bytes as one uninterrupted run."""
     root, env = trained_project
     out = root / "models" / "grpo"
     run(GRPO, root, env)
     uninterrupted = _md5(out / "model.safetensors")
     assert not (out / "checkpoints").exists()
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    proc = subprocess.Popen(GRPO, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert state.exists() and not (out / "model.safetensors").exists()  # killed mid-run, nothing final
+
+    code, stderr = interrupt_when(GRPO, root, env, state.exists, signal.SIGTERM)
+    assert code == 143, stderr[-2000:]
+    assert "stage grpo interrupted by SIGTERM" in stderr.strip().splitlines()[-1]
+    assert state.exists() and not (out / "model.safetensors").exists()
+    assert not [p for p in root.glob("models/**/*") if p.name.endswith(".tmp")]
+    first = _checkpoint_step(state)
+
+    code, _ = interrupt_when(GRPO, root, env, lambda: _checkpoint_step(state) > first, signal.SIGKILL)
+    assert code == -signal.SIGKILL and not (out / "model.safetensors").exists()
+
     resumed = run(GRPO, root, env)
     assert "grpo: resuming at step" in resumed.stdout + resumed.stderr
     assert _md5(out / "model.safetensors") == uninterrupted

@@ -4,12 +4,11 @@ import hashlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from tests.conftest import run
+from tests.conftest import interrupt_when, run
 
 pytestmark = pytest.mark.slow
 STAGE = [sys.executable, "-m", "flows.cli", "stage", "train", "--set", "train.fp_reference=false"]
@@ -19,21 +18,28 @@ def _md5(path):
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_killed_run_resumes_to_the_same_weights(generated_project):
+def test_interrupted_runs_resume_to_the_same_weights(generated_project):
+    """SIGTERM after the first checkpoint, SIGKILL of the resumed run after a later one, then a
+    third run: the same bytes as one uninterrupted run, and no final output in between."""
     root, env = generated_project
     out = root / "models" / "train"
     run(STAGE, root, env)
     uninterrupted = _md5(out / "model.safetensors")
     assert not (out / "checkpoints").exists()  # removed on success
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    proc = subprocess.Popen(STAGE, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "ternary" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (out / "model.safetensors").exists()  # killed mid-run, nothing final
+
+    code, stderr = interrupt_when(STAGE, root, env, ckpt.exists, signal.SIGTERM)
+    assert code == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("stage train interrupted by SIGTERM: no output was written")
+    assert ckpt.exists() and not (out / "model.safetensors").exists()
+    assert not [p for p in root.glob("models/**/*") if p.name.endswith(".tmp")]  # temporaries cleaned up
+    first = ckpt.stat().st_mtime_ns
+
+    code, _ = interrupt_when(STAGE, root, env, lambda: ckpt.exists() and ckpt.stat().st_mtime_ns != first,
+                             signal.SIGKILL)
+    assert code == -signal.SIGKILL and not (out / "model.safetensors").exists()
+
     resumed = run(STAGE, root, env)
     assert "resuming ternary" in resumed.stdout
     assert _md5(out / "model.safetensors") == uninterrupted

@@ -1,0 +1,153 @@
+"""Native W1.58A8 kernels for packed ternary weights (`ternary.cpp`), loaded with ctypes.
+
+The shared library is compiled from `ternary.cpp` with the system C++ compiler (`-O3
+-march=native -fopenmp`) by `make install` (`python -m quillan.kernels`), or on first use, into
+a cache keyed by the source, the flags and this CPU's feature flags
+(`$QUILLAN_KERNEL_CACHE`, default `~/.cache/quillan/kernels`). Where it cannot be built, `library()`
+returns None after one warning and callers use PyTorch's int8 path.
+
+OpenMP: the library links `libgomp.so.1`; PyTorch has already loaded its own copy under that
+name, so both share one thread pool instead of two pools fighting over the cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ternary.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler is missing or failed; the message has its output."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path() -> Path:
+    """Where the library for this source, these flags and this CPU lives (built or not)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("QUILLAN_KERNEL_CACHE", Path.home() / ".cache" / "quillan" / "kernels"))
+    return cache / f"libquillan_ternary-{key}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile `ternary.cpp` into `library_path()` (atomically: concurrent builds are safe)."""
+    target = library_path()
+    if target.exists() and not force:
+        return target
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler found (set CXX or install g++)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"{cxx} failed on {SOURCE}:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    lib.qk_version.restype = i32
+    lib.qk_has_avx2.restype = i32
+    lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
+    lib.qk_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, i32, ptr]
+    lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i32, ptr]
+    for fn in (lib.qk_quantize_rows, lib.qk_gemm, lib.qk_linear):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them if needed; None (after one warning) if that fails.
+    `QUILLAN_KERNELS=off` skips them."""
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("QUILLAN_KERNELS", "").lower() in ("off", "0", "false"):
+        _reason = "QUILLAN_KERNELS=off"
+        return None
+    try:
+        _lib = _declare(ctypes.CDLL(str(build())))
+    except (KernelBuildError, OSError) as e:
+        _reason = str(e).splitlines()[0]
+        warnings.warn(f"quillan: native ternary kernels unavailable ({_reason}); using the PyTorch int8 path",
+                      RuntimeWarning, stacklevel=2)
+        _lib = None
+    return _lib
+
+
+def unavailable_reason() -> str:
+    """Why `library()` returned None ('' if it did not)."""
+    return _reason
+
+
+def padded(k: int) -> int:
+    """K rounded up to whole 128-weight blocks."""
+    return -(-k // BLOCK) * BLOCK
+
+
+def pack_i2(q: torch.Tensor) -> torch.Tensor:
+    """Ternary q (N, K) in {-1, 0, 1} → uint8 (N, padded(K) / 4) in the I2 layout of ternary.cpp:
+    codes q + 1, zero-padded to whole blocks; byte j of block b holds weights 128b + 32i + j at
+    bits 2i (i = 0..3)."""
+    n, k = q.shape
+    codes = torch.ones(n, padded(k), dtype=torch.uint8)  # code 1 = weight 0
+    codes[:, :k] = (q.to(torch.int16) + 1).to(torch.uint8)
+    c = codes.view(n, -1, 4, 32)  # (N, blocks, i, j)
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(n, -1).contiguous()
+
+
+def unpack_i2(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_i2`: int8 (N, K)."""
+    n = packed.shape[0]
+    b = packed.view(n, -1, 1, 32)
+    codes = torch.cat([(b >> s) & 3 for s in (0, 2, 4, 6)], dim=2)  # (N, blocks, 4, 32)
+    return (codes.reshape(n, -1)[:, :k].to(torch.int8) - 1)
+
+
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """y (M, N) float32 = per-token int8 x (M, K) times the I2-packed ternary weights, rescaled.
+    `scale` is float32 of shape () or (N, 1). Requires `library()`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    m, n = x.shape[0], packed.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.qk_linear(x.data_ptr(), m, k, padded(k), eps, packed.data_ptr(), n, scale.data_ptr(),
+                  int(scale.dim() > 0), y.data_ptr())
+    return y
+
