@@ -1,0 +1,82 @@
+"""quillan.kernels: the I2 packing layout, the native kernel's exact integer arithmetic, and the
+fallback when the kernel cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quillan import kernels
+from quillan.bitnet import EPS, activation_quantize, ternary_quantize
+
+
+def test_i2_layout_of_one_block():
+    q = torch.zeros(1, 128, dtype=torch.int8)
+    q[0, 0], q[0, 32], q[0, 64], q[0, 96] = 1, -1, 1, 0  # byte 0 holds weights 0, 32, 64, 96
+    q[0, 33] = 1                                          # byte 1, bits 2-3
+    packed = kernels.pack_i2(q)
+    assert packed.shape == (1, 32)
+    # codes q + 1 = 2, 0, 2, 1 at bit offsets 0, 2, 4, 6
+    assert int(packed[0, 0]) == 2 | (0 << 2) | (2 << 4) | (1 << 6)
+    assert int(packed[0, 1]) == 1 | (2 << 2) | (1 << 4) | (1 << 6)
+    assert int(packed[0, 2]) == 0b01010101  # four zero weights
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 127), (5, 128), (2, 129), (7, 300)])
+def test_i2_round_trip_and_padding(shape):
+    q = torch.randint(-1, 2, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(sum(shape)))
+    packed = kernels.pack_i2(q)
+    assert packed.shape == (shape[0], kernels.padded(shape[1]) // 4)
+    assert torch.equal(kernels.unpack_i2(packed, shape[1]), q)
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="native kernels unavailable on this machine")
+@pytest.mark.parametrize("m,k,n", [(1, 128, 64), (4, 256, 3), (5, 1000, 33), (33, 130, 70), (2, 4096, 8)])
+def test_native_kernel_is_the_exact_integer_product(m, k, n):
+    torch.manual_seed(m + k + n)
+    w, x = torch.randn(n, k), torch.randn(m, k) * 5
+    x[0, :7] = 0.0  # a row with exact zeros, and (below) an all-zero row: absmax clamps to eps
+    if m > 1:
+        x[1] = 0.0
+    for per_channel in (False, True):
+        q, scale = ternary_quantize(w, per_channel)
+        xq, xs = activation_quantize(x)
+        exact = (xq.long() @ q.long().t())  # int64: no rounding anywhere
+        y = kernels.ternary_linear(x, kernels.pack_i2(q), k, scale.float(), EPS)
+        expected = (exact.float() * xs) * (scale.view(1, -1) if per_channel else scale)
+        assert torch.equal(y, expected)
+
+
+def test_extreme_activations_do_not_overflow_int16():
+    """All weights +1 and every activation at +127 (and -127): the largest int16 partial sums."""
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable")
+    k = 4096
+    q = torch.ones(2, k, dtype=torch.int8)
+    q[1] = -1
+    x = torch.stack([torch.full((k,), 3.0), torch.full((k,), -3.0)])
+    y = kernels.ternary_linear(x, kernels.pack_i2(q), k, torch.tensor(1.0), EPS)
+    s = 3.0 / 127.0  # activation scale: absmax / 127
+    assert torch.equal(y, torch.tensor([[127 * k * s, -127 * k * s], [-127 * k * s, 127 * k * s]]))
+
+
+def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
+    code = ("import warnings, torch\n"
+            "from quillan.export.layers import TernaryLinear\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    tl = TernaryLinear.from_float(torch.randn(16, 200))\n"
+            "    TernaryLinear.from_float(torch.randn(16, 200))\n"
+            "print(tl.path, len(w), str(w[0].message) if w else '')\n"
+            "x = torch.randn(3, 200)\n"
+            "assert torch.equal(tl(x), tl(x, path='float'))\n")
+    env = {**os.environ, "CXX": "/bin/false", "QUILLAN_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("QUILLAN_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    path, count, message = proc.stdout.strip().split(" ", 2)
+    assert (path, count) == ("float", "1")
+    assert message.startswith("quillan: native ternary kernels unavailable (/bin/false failed on")
+    assert message.endswith("using the PyTorch int8 path") and "\n" not in message
