@@ -83,8 +83,9 @@ def variant_plan(model: Quillan, variant: str, cfg: ExportConfig) -> dict[str, s
 
 # What computes each precision on the CPU (recorded in metadata.json).
 KERNELS = {
-    "ternary": "quillan TernaryLinear: 2-bit packed weights unpacked per call, int8 activations, "
-               "exact integer-valued float32 GEMM",
+    "ternary": "quillan TernaryLinear: 2-bit packed weights read directly by the native C++ kernel "
+               "(AVX2, int8 activations, exact integer product); PyTorch integer-valued float32 GEMM "
+               "where the kernel cannot be built",
     "int8": "bitsandbytes Linear8bitLt (LLM.int8, CPU backend int8_scaled_mm); micro-agent banks: "
             "PyTorch int8 rows with per-row scales (bitsandbytes has no module for parameter banks)",
     "int4": "bitsandbytes Linear4bit (blockwise NF4/FP4, CPU backend dequantize + matmul)",
