@@ -138,6 +138,20 @@ def unpack_i2(packed: torch.Tensor, k: int) -> torch.Tensor:
     return (codes.reshape(n, -1)[:, :k].to(torch.int8) - 1)
 
 
+def quantize_activations(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's per-token int8 quantization of x (M, K) float32: (q (M, K) int8, scale (M, 1)),
+    bit-identical to `quillan.bitnet.activation_quantize`. Requires `library()`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
+    x = x.float().contiguous()
+    m, k = x.shape
+    q = torch.empty(m, padded(k), dtype=torch.int8)
+    scale = torch.empty(m, 1, dtype=torch.float32)
+    lib.qk_quantize_rows(x.data_ptr(), m, k, padded(k), eps, q.data_ptr(), scale.data_ptr())
+    return q[:, :k], scale
+
+
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """y (M, N) float32 = per-token int8 x (M, K) times the I2-packed ternary weights, rescaled.
     `scale` is float32 of shape () or (N, 1). Requires `library()`."""

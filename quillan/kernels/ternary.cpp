@@ -30,7 +30,7 @@ extern "C" int qk_has_avx2() {
 }
 
 // Per-token absmax quantization to int8 (BitNet §2), bit-identical to quillan.bitnet.activation_quantize:
-// s = max(absmax, eps); q = clamp(round_half_even(x * (127 / s)), -128, 127); scale = s / 127.
+// s = max(absmax, eps); q = clamp(round_half_even(x * ((1 / s) * 127)), -128, 127); scale = s / 127.
 // xq is (M, K_pad) with the tail zeroed.
 extern "C" void qk_quantize_rows(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, int8_t* xq, float* xs) {
 #pragma omp parallel for schedule(static) if (M * K > 65536)
@@ -39,7 +39,8 @@ extern "C" void qk_quantize_rows(const float* x, int64_t M, int64_t K, int64_t K
         float amax = 0.f;
         for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(row[k]));
         amax = std::fmax(amax, eps);
-        const float inv = 127.0f / amax;
+        // PyTorch evaluates `127.0 / t` as reciprocal(t) * 127: two roundings, copied here for equal bits.
+        const float inv = (1.0f / amax) * 127.0f;
         int8_t* out = xq + m * K_pad;
         for (int64_t k = 0; k < K; ++k) {
             float v = std::nearbyint(row[k] * inv);
