@@ -1,17 +1,17 @@
-"""Shared pieces of the benchmarks: median timing, machine facts, atomic JSON output."""
+"""Shared pieces of the benchmarks: median timing, machine facts, JSON output."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from tasks.common import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,12 +43,7 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json, written atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """bench/results/<name>.json (atomic, key-sorted), with the machine it was measured on."""
     path = RESULTS / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"machine": machine(), **payload}, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, {"machine": machine(), **payload})
     return path
