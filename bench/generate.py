@@ -34,7 +34,8 @@ def linear_modules(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def linear_share(model: nn.Module, n_tokens: int) -> float:
-    """Share of one batch-1 generation's wall time spent inside the linear layers."""
+    """Share of one batch-1 generation's wall time spent inside the linear layers (and the
+    grouped expert kernels of ternary council layers, which replace the experts' linear calls)."""
     spent = [0.0]
     starts: dict[int, float] = {}
 
@@ -44,7 +45,18 @@ def linear_share(model: nn.Module, n_tokens: int) -> float:
     def post(mod, _inp, _out):
         spent[0] += time.perf_counter() - starts.pop(id(mod))
 
+    def timed(fn):
+        def call(*args):
+            t = time.perf_counter()
+            out = fn(*args)
+            spent[0] += time.perf_counter() - t
+            return out
+        return call
+
     handles = [h for m in linear_modules(model) for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    grouped = [(m, m.grouped_experts) for m in model.modules() if getattr(m, "grouped_experts", None) is not None]
+    for m, fn in grouped:
+        m.grouped_experts = timed(fn)
     ids = torch.randint(4, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     model.generate(ids, 2, temperature=0.0)  # warm-up
     t0 = time.perf_counter()
@@ -52,6 +64,8 @@ def linear_share(model: nn.Module, n_tokens: int) -> float:
     total = time.perf_counter() - t0
     for h in handles:
         h.remove()
+    for m, fn in grouped:
+        m.grouped_experts = fn
     return spent[0] / total
 
 

@@ -4,8 +4,10 @@ and in float (nn.Linear). Writes bench/results/moe.json.
 
 The council layer here is one mini-MoE (`n_council=1`) without micro agents, so its active
 parameters per token are exactly top-k experts: 2 · 3 · D · H, the same as a SwiGLU of hidden 2H.
-Its time includes routing (router, softmax, top-k) and dispatch (sort by expert, one batched
-product per expert group, index_add back).
+Its time includes routing (router, softmax, top-k) and dispatch (sort by expert, gather, the
+experts' products, index_add back). The ternary form runs the experts as the exports do: all of
+them in three grouped kernel calls (`quillan.export.attach_grouped_experts`); the float form
+runs one batched product per expert group.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from bench.common import median_seconds, write_result
 from quillan.bitnet import BitLinear
+from quillan.export import attach_grouped_experts
 from quillan.export.layers import TernaryLinear
 from quillan.moe import CouncilFFN, SwiGLU
 
@@ -35,6 +38,7 @@ def as_inference(module: nn.Module, form: str) -> nn.Module:
             setattr(module, name, new)
         else:
             as_inference(child, form)
+    attach_grouped_experts(module)
     return module.eval()
 
 

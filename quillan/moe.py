@@ -41,6 +41,20 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+def _bank_tensor(bank) -> torch.Tensor:
+    """A micro-agent bank (M, P, d) as a float tensor: a Parameter, or an inference module of
+    the exports with `dequantized()` (int8 rows)."""
+    return bank if isinstance(bank, torch.Tensor) else bank.dequantized()
+
+
+def _bank_rows(bank, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (any shape, indices into the flattened (M·P) agents) of a bank (M, P, d):
+    (*rows.shape, d). Only these rows are read (and, for int8 banks, dequantized)."""
+    if isinstance(bank, torch.Tensor):
+        return F.embedding(rows, bank.reshape(-1, bank.shape[-1]))
+    return bank.rows(rows)
+
+
 def _topk_renorm(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals, idx = probs.topk(k, dim=-1)
     return vals / vals.sum(dim=-1, keepdim=True).clamp(min=1e-9), idx
@@ -64,8 +78,8 @@ class CouncilStats:
     """What one council layer reports for losses and logging."""
 
     council_probs: torch.Tensor   # (N, M) overseer α, for the CCRL entropy bonus
-    aux_loss: torch.Tensor        # load balancing, overseer + mean over members
-    z_loss: torch.Tensor          # router z-loss, overseer + member routers
+    aux_loss: torch.Tensor        # load balancing, overseer + mean over members (0 without autograd)
+    z_loss: torch.Tensor          # router z-loss, overseer + member routers (0 without autograd)
     expert_counts: torch.Tensor   # (M, E) token assignments per expert in this call
 
 
@@ -92,6 +106,9 @@ class CouncilFFN(nn.Module):
             self.micro_up = nn.Parameter(torch.zeros(n_council, n_micro, dim))
             self.key_dim = micro_key_dim
         self.expert_calls = 0  # how many expert forward calls ran (tests count dispatch)
+        # Inference only, set by quillan.export for native ternary experts: every expert in one
+        # grouped call, (x (A, D) sorted by expert, counts (M·E,)) → (A, D).
+        self.grouped_experts = None
 
     def route(self, xs: torch.Tensor):
         """Routing for flat tokens xs (N, D): overseer probs/logits, kept members, expert picks."""
@@ -105,7 +122,7 @@ class CouncilFFN(nn.Module):
         return ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx
 
     def _micro(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Micro-agent output of one member for its tokens x (n, D)."""
+        """Micro-agent output of one member for its tokens x (n, D) (the reference, for forward_naive)."""
         q = self.micro_query(x).view(-1, self.M, self.key_dim)[:, member]   # (n, dk)
         scores = q @ self.micro_keys[member].T                                 # (n, P)
         s, idx = scores.topk(self.kp, dim=-1)                                  # (n, kp)
@@ -114,6 +131,23 @@ class CouncilFFN(nn.Module):
         v = F.embedding(idx, self.micro_up[member])
         h = F.gelu(torch.einsum("nd,nkd->nk", x, u)) * g
         return torch.einsum("nk,nkd->nd", h, v)
+
+    def _micro_all(self, xs: torch.Tensor, a_w: torch.Tensor, a_idx: torch.Tensor) -> torch.Tensor:
+        """Σ over each token's kept members m of α'_m · micro_m(x), for all tokens xs (N, D) at once.
+
+        One query projection for all members; scores against every member's keys (N, M, P), the
+        kept members' top-k agents, and only those agents' rows of the banks gathered (PEER).
+        """
+        N = xs.shape[0]
+        q = self.micro_query(xs).view(N, self.M, self.key_dim)                       # (N, M, dk)
+        scores = torch.einsum("nmd,mpd->nmp", q, _bank_tensor(self.micro_keys))       # (N, M, P)
+        scores = scores.gather(1, a_idx[..., None].expand(-1, -1, self.P))           # (N, kc, P)
+        s, idx = scores.topk(self.kp, dim=-1)                                        # (N, kc, kp)
+        g = s.float().softmax(dim=-1).to(xs.dtype)
+        rows = a_idx[..., None] * self.P + idx                                       # rows of the (M·P, D) banks
+        u, v = _bank_rows(self.micro_down, rows), _bank_rows(self.micro_up, rows)    # (N, kc, kp, D)
+        h = F.gelu(torch.einsum("nd,nckd->nck", xs, u)) * g
+        return torch.einsum("nck,nckd->nd", h * a_w[..., None], v)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, CouncilStats]:
         shape = x.shape
@@ -128,30 +162,35 @@ class CouncilFFN(nn.Module):
         order = experts.argsort(stable=True)
         experts, tokens, weights = experts[order], tokens[order], weights[order]
         counts = torch.bincount(experts, minlength=self.M * self.E)
-        for e, (tok, w) in enumerate(zip(tokens.split(counts.tolist()), weights.split(counts.tolist()))):
-            if tok.numel() == 0:
-                continue
-            self.expert_calls += 1
-            # index_select, not xs[tok]: its backward is index_add, not a sorting index_put.
-            out.index_add_(0, tok, self.experts[e](xs.index_select(0, tok)) * w[:, None])
-        # Micro agents and per-member load balancing, grouped by member.
+        if self.grouped_experts is not None:
+            self.expert_calls += int((counts > 0).sum())
+            out.index_add_(0, tokens, self.grouped_experts(xs.index_select(0, tokens), counts) * weights[:, None])
+        else:
+            for e, (tok, w) in enumerate(zip(tokens.split(counts.tolist()), weights.split(counts.tolist()))):
+                if tok.numel() == 0:
+                    continue
+                self.expert_calls += 1
+                # index_select, not xs[tok]: its backward is index_add, not a sorting index_put.
+                out.index_add_(0, tok, self.experts[e](xs.index_select(0, tok)) * w[:, None])
+        if self.P > 0:
+            out = out + self._micro_all(xs, a_w, a_idx)
+        # Per-member load balancing. Without autograd nothing optimises the auxiliary losses:
+        # inference skips them (they read 0).
+        losses = torch.is_grad_enabled()
         member_lb = []
-        for m in range(self.M):
-            hit = (a_idx == m)                                                # (N, kc)
-            rows, slot = hit.nonzero(as_tuple=True)
+        for m in range(self.M if losses else 0):
+            rows, slot = (a_idx == m).nonzero(as_tuple=True)                  # (token, kept slot) of member m
             if rows.numel() == 0:
                 continue
             flat = rows * self.kc + slot  # row of the (N·kc, ...) views
             member_lb.append(load_balancing_loss(beta.reshape(-1, self.E).index_select(0, flat),
                                                  b_idx.reshape(-1, self.ke)[flat], self.E))
-            if self.P > 0:
-                gate = a_w.reshape(-1).index_select(0, flat)
-                out.index_add_(0, rows, self._micro(xs.index_select(0, rows), m) * gate[:, None])
-        aux = load_balancing_loss(alpha, a_idx, self.M)
+        zero = xs.new_zeros(())
+        aux = load_balancing_loss(alpha, a_idx, self.M) if losses else zero
         if member_lb:
             aux = aux + torch.stack(member_lb).mean()
-        stats = CouncilStats(council_probs=alpha, aux_loss=aux,
-                             z_loss=router_z_loss(ov_logits) + router_z_loss(sel_logits),
+        z = router_z_loss(ov_logits) + router_z_loss(sel_logits) if losses else zero
+        stats = CouncilStats(council_probs=alpha, aux_loss=aux, z_loss=z,
                              expert_counts=counts.view(self.M, self.E).detach())
         return out.view(shape), stats
 

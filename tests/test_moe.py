@@ -68,3 +68,13 @@ def test_gradients_reach_routers_and_experts():
     assert ffn.overseer.weight.grad.abs().sum() > 0
     assert ffn.routers.weight.grad.abs().sum() > 0
     assert ffn.micro_up.grad.abs().sum() > 0
+
+
+def test_auxiliary_losses_are_skipped_without_autograd_only():
+    ffn = _council()
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        _, inference = ffn(x)
+    _, training = ffn(x)
+    assert float(inference.aux_loss) == 0.0 and float(inference.z_loss) == 0.0
+    assert float(training.aux_loss) > 0.5 and float(training.z_loss) > 0.0

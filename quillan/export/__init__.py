@@ -24,8 +24,9 @@ from torch import nn
 from quillan.bitnet import BitLinear
 from quillan.checkpoint import CheckpointError, file_sha256, read_json_file
 from quillan.config import QuillanConfig
-from quillan.export.layers import Int8Rows, TernaryLinear
+from quillan.export.layers import GroupedTernarySwiGLU, Int8Rows, TernaryLinear
 from quillan.model import Quillan, rope_tables
+from quillan.moe import CouncilFFN
 
 VARIANTS = ("ternary", "fp16", "int8", "int4", "mixed")
 KINDS = ("attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion")
@@ -186,7 +187,20 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
         p.requires_grad_(False)
         if type(p) is nn.Parameter:  # not bitsandbytes' own parameter types
             p.data = p.data.half().float()
+    attach_grouped_experts(model)
     return model.eval(), plan  # new modules start in train mode; LLM.int8 re-quantizes in training
+
+
+def attach_grouped_experts(model: nn.Module) -> int:
+    """Give every council layer whose experts are all native ternary SwiGLUs a grouped dispatch
+    (`GroupedTernarySwiGLU`: three kernel calls per layer instead of three per expert). Returns
+    how many layers got one; where the kernels do not load, none do and experts run one by one."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CouncilFFN) and GroupedTernarySwiGLU.supports(m.experts):
+            m.grouped_experts = GroupedTernarySwiGLU(m.experts)
+            n += 1
+    return n
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -365,5 +379,6 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
             raise CheckpointError(f"{weights}: no stored value for {name}")
     for p in model.parameters():
         p.requires_grad_(False)
+    attach_grouped_experts(model)
     tok = directory / TOKENIZER
     return model.eval(), (Tokenizer.from_file(str(tok)) if tok.exists() else None)

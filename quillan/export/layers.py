@@ -11,12 +11,18 @@ Kernel paths (`TernaryLinear.PATHS`), all giving bit-identical outputs:
 - `float`: PyTorch only: codes unpacked per call to an integer-valued float32 matrix, float GEMM
   (exact while in_features · 127 < 2^24). The fallback where the kernel cannot be built.
 - `int_mm`: PyTorch only: codes unpacked per call to int8, `torch._int_mm`. Measured by
-  `bench/linear.py`; 50-100x slower than `float` on this 2-core AVX2 CPU, so never chosen.
+  `bench/linear.py`; 4-81x slower than `float` on this 2-core AVX2 CPU, so never chosen.
+
+`GroupedTernarySwiGLU` runs every expert of a council layer with three native calls in all
+(w1, w3, w2 of all experts at once) instead of three per expert.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quillan import kernels
@@ -101,6 +107,43 @@ class TernaryLinear(nn.Module):
                 f"bits=2, path={self.path}")
 
 
+class GroupedTernarySwiGLU:
+    """The E SwiGLU experts of a council layer as one grouped W1.58A8 computation (native kernel).
+
+    Called with x (A, D), the rows routed to expert 0, then expert 1, ... (`counts` (E,) rows
+    each), it returns (A, D): row for row the same bits as running each expert's
+    w2(silu(w1 x) * w3 x) on its rows, but with three kernel calls whatever E is, so the layer's
+    cost follows its active experts. Each expert's TernaryLinear buffers become views of the
+    stacked weights: no second copy. A plain object, not a Module: it adds nothing to state_dict.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        self.dim, self.hidden = experts[0].w1.in_features, experts[0].w1.out_features
+        self.weights = {}
+        for name in ("w1", "w3", "w2"):
+            layers: list[TernaryLinear] = [getattr(e, name) for e in experts]
+            packed = torch.stack([m.packed for m in layers])                         # (E, N, K_pad / 4)
+            scale = torch.stack([m.scale.reshape(-1).expand(m.out_features) for m in layers])  # (E, N)
+            for i, m in enumerate(layers):
+                m.packed = packed[i]
+            self.weights[name] = (packed, scale.contiguous(), layers[0].in_features)
+
+    @staticmethod
+    def supports(experts: Sequence[nn.Module]) -> bool:
+        """True if every expert is a SwiGLU of act-quantized TernaryLinear layers and the kernels load."""
+        return kernels.library() is not None and all(
+            isinstance(getattr(e, n, None), TernaryLinear) and getattr(e, n).act_quant
+            for e in experts for n in ("w1", "w3", "w2"))
+
+    def _linear(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        packed, scale, k = self.weights[name]
+        return kernels.grouped_ternary_linear(x, packed, k, scale, counts, EPS)
+
+    def __call__(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self._linear("w1", x, counts)) * self._linear("w3", x, counts)
+        return self._linear("w2", h, counts).to(x.dtype)
+
+
 class Int8Rows(nn.Module):
     """A parameter bank (M, P, D) stored as int8 rows with one float scale per row (absmax/127):
     PyTorch's own int8 path for the micro-agent banks, which bitsandbytes has no module for.
@@ -118,6 +161,11 @@ class Int8Rows(nn.Module):
 
     def __getitem__(self, member: int) -> torch.Tensor:
         return self.q[member].float() * self.scale[member]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows idx (any shape, indices into the flattened (M·P) rows): (*idx.shape, D)."""
+        d = self.q.shape[-1]
+        return F.embedding(idx, self.q.reshape(-1, d)).float() * F.embedding(idx, self.scale.reshape(-1, 1))
 
     def dequantized(self) -> torch.Tensor:
         return self.q.float() * self.scale

@@ -84,7 +84,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
     lib.qk_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, i32, ptr]
     lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i32, ptr]
-    for fn in (lib.qk_quantize_rows, lib.qk_gemm, lib.qk_linear):
+    lib.qk_grouped_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, i64, ptr, ptr, ptr]
+    for fn in (lib.qk_quantize_rows, lib.qk_gemm, lib.qk_linear, lib.qk_grouped_linear):
         fn.restype = None
     return lib
 
@@ -107,6 +108,13 @@ def library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         _lib = None
     return _lib
+
+
+def _required() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
+    return lib
 
 
 def unavailable_reason() -> str:
@@ -141,9 +149,7 @@ def unpack_i2(packed: torch.Tensor, k: int) -> torch.Tensor:
 def quantize_activations(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's per-token int8 quantization of x (M, K) float32: (q (M, K) int8, scale (M, 1)),
     bit-identical to `quillan.bitnet.activation_quantize`. Requires `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
+    lib = _required()
     x = x.float().contiguous()
     m, k = x.shape
     q = torch.empty(m, padded(k), dtype=torch.int8)
@@ -155,9 +161,7 @@ def quantize_activations(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """y (M, N) float32 = per-token int8 x (M, K) times the I2-packed ternary weights, rescaled.
     `scale` is float32 of shape () or (N, 1). Requires `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
+    lib = _required()
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
     m, n = x.shape[0], packed.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
@@ -165,3 +169,28 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.T
                   int(scale.dim() > 0), y.data_ptr())
     return y
 
+
+
+def grouped_ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor,
+                           counts: torch.Tensor, eps: float) -> torch.Tensor:
+    """One product per expert in a single call: x (M, K) holds the rows of expert 0, then expert 1,
+    ... (`counts` (G,) rows each, summing to M); `packed` (G, N, padded(K) / 4) uint8 holds every
+    expert's I2-packed weights and `scale` (G, N) float32 their per-row scales. Returns y (M, N)
+    float32, row for row the same bits as `ternary_linear` with each expert's weights.
+    Requires `library()`."""
+    lib = _required()
+    g, n = packed.shape[0], packed.shape[1]
+    if counts.shape != (g,) or scale.shape != (g, n):
+        raise ValueError(f"counts {tuple(counts.shape)} and scale {tuple(scale.shape)} do not fit {g} experts of {n} rows")
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    m = x.shape[0]
+    offsets = torch.zeros(g + 1, dtype=torch.int64)
+    torch.cumsum(counts.to(torch.int64), 0, out=offsets[1:])
+    if int(offsets[-1]) != m:
+        raise ValueError(f"counts sum to {int(offsets[-1])}, x has {m} rows")
+    scale = scale.float().contiguous()  # bound to a name: a temporary would be freed before the call
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        lib.qk_grouped_linear(x.data_ptr(), m, k, padded(k), eps, packed.data_ptr(), g, n, scale.data_ptr(),
+                              offsets.data_ptr(), y.data_ptr())
+    return y

@@ -119,42 +119,57 @@ static inline void dot_rows(int rows, const uint8_t* const* w, const int8_t* con
     }
 }
 
-// y (M, N) float = ((Σ_k q_x q_w) · xs[m]) · scale[n or 0]: the float operations in the order of
-// quillan.export.layers.TernaryLinear's reference path, so every path gives the same bits.
-extern "C" void qk_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K_pad, const uint8_t* w, int64_t N,
-             const float* scale, int per_channel, float* y) {
-    int32_t* rowsum = (int32_t*)std::malloc(sizeof(int32_t) * (size_t)M);
+static int32_t* row_sums(const int8_t* xq, int64_t M, int64_t K_pad) {
+    int32_t* rowsum = (int32_t*)std::malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
     for (int64_t m = 0; m < M; ++m) {
         int32_t s = 0;
         const int8_t* x = xq + m * K_pad;
         for (int64_t k = 0; k < K_pad; ++k) s += x[k];
         rowsum[m] = s;
     }
+    return rowsum;
+}
+
+// Output columns in chunks of 64 weight rows (16 KiB at K = 2048, kept in L2), shared out between
+// threads; within a chunk, activation tiles of 4 rows (8 KiB, in L1) meet every weight row of the
+// chunk, two at a time.
+static const int64_t CHUNK = 64;
+
+// y[m, n] for activation rows [m_begin, m_end) and weight rows [n_begin, n_end) of w, as
+// ((Σ_k q_x q_w) · xs[m]) · scale[n or 0]: the float operations in the order of
+// quillan.export.layers.TernaryLinear's reference path, so every path gives the same bits.
+static void gemm_block(const int8_t* xq, const float* xs, const int32_t* rowsum, int64_t m_begin, int64_t m_end,
+                       int64_t K_pad, const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N,
+                       const float* scale, int per_channel, float* y) {
     const int64_t row_bytes = K_pad / 4;
-    // Cache blocking: output columns in chunks of 64 weight rows (16 KiB at K = 2048, kept in L2),
-    // shared out between threads; within a chunk, activation tiles of 4 rows (8 KiB, in L1) meet
-    // every weight row of the chunk, two at a time.
-    const int64_t chunk = 64, n_chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (N * K_pad * M > 262144)
-    for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        const int64_t n_end = (ch + 1) * chunk < N ? (ch + 1) * chunk : N;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
-            const int8_t* xr[4];
-            for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
-            for (int64_t n = ch * chunk; n < n_end; n += 2) {
-                const int cols = n + 1 < n_end ? 2 : 1;
-                const uint8_t* wr[2] = {w + n * row_bytes, w + (n + cols - 1) * row_bytes};
-                int32_t acc[2][4];
-                if (cols == 2) dot_rows<2>(rows, wr, xr, K_pad, acc);
-                else dot_rows<1>(rows, wr, xr, K_pad, acc);
-                for (int c = 0; c < cols; ++c) {
-                    const float sc = scale[per_channel ? n + c : 0];
-                    for (int r = 0; r < rows; ++r)
-                        y[(m0 + r) * N + n + c] = ((float)(acc[c][r] - rowsum[m0 + r]) * xs[m0 + r]) * sc;
-                }
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += 4) {
+        const int rows = (int)(m_end - m0 < 4 ? m_end - m0 : 4);
+        const int8_t* xr[4];
+        for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
+        for (int64_t n = n_begin; n < n_end; n += 2) {
+            const int cols = n + 1 < n_end ? 2 : 1;
+            const uint8_t* wr[2] = {w + n * row_bytes, w + (n + cols - 1) * row_bytes};
+            int32_t acc[2][4];
+            if (cols == 2) dot_rows<2>(rows, wr, xr, K_pad, acc);
+            else dot_rows<1>(rows, wr, xr, K_pad, acc);
+            for (int c = 0; c < cols; ++c) {
+                const float sc = scale[per_channel ? n + c : 0];
+                for (int r = 0; r < rows; ++r)
+                    y[(m0 + r) * N + n + c] = ((float)(acc[c][r] - rowsum[m0 + r]) * xs[m0 + r]) * sc;
             }
         }
+    }
+}
+
+// y (M, N) float from quantized activations xq (M, K_pad), scales xs (M) and one weight matrix.
+extern "C" void qk_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K_pad, const uint8_t* w, int64_t N,
+             const float* scale, int per_channel, float* y) {
+    int32_t* rowsum = row_sums(xq, M, K_pad);
+    const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) if (N * K_pad * M > 262144)
+    for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
+        gemm_block(xq, xs, rowsum, 0, M, K_pad, w, ch * CHUNK, n_end, N, scale, per_channel, y);
     }
     std::free(rowsum);
 }
@@ -170,3 +185,32 @@ extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, f
     std::free(xq);
 }
 
+
+// Grouped (MoE) product, one call for every expert: rows [offsets[g], offsets[g + 1]) of x (M, K)
+// are multiplied by weight matrix g of w (G, N, K_pad / 4) with per-row scales scale (G, N).
+// Rows are grouped by expert beforehand (sorted assignments); each (group, column chunk) pair is
+// one unit of work, so the cost follows the rows, not the number of experts.
+extern "C" void qk_grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w,
+                       int64_t G, int64_t N, const float* scale, const int64_t* offsets, float* y) {
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64));
+    float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
+    int32_t* rowsum = row_sums(xq, M, K_pad);
+    const int64_t n_chunks = (N + CHUNK - 1) / CHUNK, row_bytes = K_pad / 4;
+    int64_t* work = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)(G * n_chunks + 1));
+    int64_t n_work = 0;
+    for (int64_t g = 0; g < G; ++g)
+        if (offsets[g + 1] > offsets[g])
+            for (int64_t ch = 0; ch < n_chunks; ++ch) work[n_work++] = g * n_chunks + ch;
+#pragma omp parallel for schedule(dynamic, 1) if (N * K_pad * M > 262144)
+    for (int64_t i = 0; i < n_work; ++i) {
+        const int64_t g = work[i] / n_chunks, ch = work[i] % n_chunks;
+        const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
+        gemm_block(xq, xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes, ch * CHUNK, n_end, N,
+                   scale + g * N, 1, y);
+    }
+    std::free(work);
+    std::free(rowsum);
+    std::free(xs);
+    std::free(xq);
+}

@@ -98,6 +98,26 @@ def test_ternary_linear_equals_bitlinear_eval_and_stays_packed(path, shape):
         assert torch.equal(dequantized_weight(tl), bl.ternary_weight())
 
 
+@pytest.mark.skipif(TernaryLinear(1, 1, torch.zeros(1, 32, dtype=torch.uint8), torch.ones(())).path != "native",
+                    reason="native kernels unavailable on this machine")
+def test_ternary_council_runs_experts_grouped_with_the_same_bits(exported):
+    """The ternary export's council layers run every expert in three grouped kernel calls; the
+    logits have the bits of the one-expert-at-a-time loop, and the experts' weights are views."""
+    model, path = exported["ternary"]
+    reloaded, _ = load(path)
+    ids = torch.randint(4, 384, (3, 9), generator=torch.Generator().manual_seed(3))
+    councils = [b.ffn for b in reloaded.blocks if b.council]
+    assert councils and all(c.grouped_experts is not None for c in councils)
+    stacked = councils[0].grouped_experts.weights["w1"][0]
+    assert councils[0].experts[1].w1.packed.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    with torch.no_grad():
+        grouped = reloaded(ids).logits
+        for c in councils:
+            c.grouped_experts = None
+        assert torch.equal(grouped, reloaded(ids).logits)
+    assert all(b.ffn.grouped_experts is None for b in exported["int4"][0].blocks if b.council)
+
+
 def test_int8_rows_round_trip():
     w = torch.randn(2, 5, 8)
     bank = Int8Rows.from_float(w)

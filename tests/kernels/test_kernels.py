@@ -92,3 +92,25 @@ def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
     assert (path, count) == ("float", "1")
     assert message.startswith("quillan: native ternary kernels unavailable (/bin/false failed on")
     assert message.endswith("using the PyTorch int8 path") and "\n" not in message
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="native kernels unavailable on this machine")
+def test_grouped_kernel_equals_one_call_per_expert():
+    """Groups of 0, 1, 3 and 70 rows (empty groups, a row tile of 4 split across groups), per-tensor
+    and per-row scales: each group's rows have the bits of `ternary_linear` with its own weights."""
+    torch.manual_seed(0)
+    k, n, counts = 200, 70, [3, 0, 1, 70, 0]
+    qs, scales = zip(*(ternary_quantize(torch.randn(n, k), per_channel=g % 2 == 1) for g in range(len(counts))))
+    packed = torch.stack([kernels.pack_i2(q) for q in qs])
+    row_scales = torch.stack([s.reshape(-1).expand(n) for s in scales])
+    x = torch.randn(sum(counts), k) * 3
+    y = kernels.grouped_ternary_linear(x, packed, k, row_scales, torch.tensor(counts), EPS)
+    rows = x.split(counts)
+    for g, c in enumerate(counts):
+        if c:
+            expected = kernels.ternary_linear(rows[g], packed[g], k, scales[g].float(), EPS)
+            assert torch.equal(y.split(counts)[g], expected), f"group {g}"
+    with pytest.raises(ValueError, match="counts sum to 74, x has 75 rows"):
+        kernels.grouped_ternary_linear(torch.randn(75, k), packed, k, row_scales, torch.tensor(counts), EPS)
+    with pytest.raises(ValueError, match="do not fit 5 experts"):
+        kernels.grouped_ternary_linear(x, packed, k, row_scales[:2], torch.tensor(counts), EPS)
