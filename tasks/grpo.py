@@ -52,12 +52,14 @@ def fingerprint(params: Params) -> str:
 
 
 def _save_checkpoint(trainer: GRPOTrainer, step: int, history: list[dict], fp: str) -> None:
-    """Model weights, AdamW state and history after `step` steps, replacing the last one atomically."""
+    """Model weights, AdamW state, history and per-task rollout counts after `step` steps,
+    replacing the last checkpoint atomically."""
     with atomic_path(CKPT_DIR / "last") as tmp:
         tmp.mkdir()
         save_file(state_for_saving(trainer.model), str(tmp / "model.safetensors"))
         save_file(trainer.optimizer_tensors(), str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history}))
+        (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history,
+                                                         "task_stats": trainer.task_stats}))
 
 
 def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
@@ -75,6 +77,7 @@ def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
         weights["head.weight"] = weights["embed.weight"]
     trainer.model.load_state_dict(weights)
     trainer.load_optimizer_tensors(load_file(str(last / "optimizer.safetensors")))
+    trainer.task_stats = state["task_stats"]
     print(f"grpo: resuming at step {state['step']} from {last.relative_to(ROOT)}")
     return state["step"], state["history"]
 

@@ -8,6 +8,7 @@ from quillan.rl.grpo import (
     council_entropy,
     dynamic_sample,
     group_advantages,
+    informative_probability,
     multi_objective_reward,
     overlong_penalty,
     policy_loss,
@@ -16,5 +17,6 @@ from quillan.rl.rollout import Group, completion_logprobs, pack_groups, reward_p
 from quillan.rl.trainer import GRPOTrainer, NonFiniteError
 
 __all__ = ["ADVANTAGE_MODES", "LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "Group", "NonFiniteError", "RewardWeights",
-           "completion_logprobs", "council_entropy", "dynamic_sample", "group_advantages", "multi_objective_reward",
+           "completion_logprobs", "council_entropy", "dynamic_sample", "group_advantages", "informative_probability",
+           "multi_objective_reward",
            "overlong_penalty", "pack_groups", "policy_loss", "reward_parts", "sample_groups"]

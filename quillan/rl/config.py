@@ -27,6 +27,11 @@ class GRPOConfig(BaseModel):
     prompts_per_step: int = Field(16, ge=1, description="groups (distinct prompts) per batch")
     domains: list[Literal["math", "code", "reasoning", "writing"]] | None = Field(
         None, min_length=1, description="draw training prompts from these domains only (null: all)")
+    prompt_sampling: Literal["uniform", "learnability"] = Field(
+        "uniform", description="uniform over training records, or records weighted by their task's chance "
+                                    "of an informative group (rollout success rate so far; Foster & Foerster 2025)")
+    sampling_floor: float = Field(0.05, gt=0, le=1, description="least weight of a task under learnability sampling "
+                                                                "(every task keeps being tried)")
     group_size: int = Field(8, ge=2, description="G: completions sampled per prompt")
     temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature of the rollouts")
     top_k: int | None = Field(None, ge=1, description="top-k sampling of the rollouts (null: full distribution)")

@@ -4,7 +4,8 @@ Sources: GRPO — Shao et al. 2024, "DeepSeekMath", §4.1 (group-normalised adva
 Dr. GRPO — Liu et al. 2025, "Understanding R1-Zero-Like Training" (no std division, constant
 normaliser); DAPO — Yu et al. 2025 (clip-higher ε_low/ε_high, token-level loss, dynamic sampling,
 overlong reward shaping, §3.1-3.4); k3 KL estimator — Schulman 2020, "Approximating KL
-divergence"; CCRL council entropy and multi-objective reward — seed note 001.
+divergence"; CCRL council entropy and multi-objective reward — seed note 001; prompt sampling
+by learnability — Foster & Foerster 2025, "Learning to Reason at the Frontier of Learnability".
 Shapes: B sequences (= prompts × G), T completion tokens; masks are 1 on completion tokens.
 """
 
@@ -123,3 +124,15 @@ def dynamic_sample(draw: Callable[[], list[dict[str, Any]]], groups_wanted: int,
             elif len(kept) < groups_wanted:
                 kept.append(group)
     return kept, {"dropped": dropped, "draws": draws}
+
+
+def informative_probability(successes: torch.Tensor, trials: torch.Tensor, group_size: int,
+                            prior: float = 1.0) -> torch.Tensor:
+    """Chance that a group of G completions of a task has unequal 0/1 correctness (and so a
+    non-zero GRPO advantage): 1 − p^G − (1 − p)^G, with p the posterior-mean success rate
+    (s + prior) / (n + 2·prior) under a Beta(prior, prior) prior. A task never tried has p = 1/2.
+
+    This is the exact-G form of the learnability p(1 − p) by which Foster & Foerster (2025) pick
+    prompts: tasks the policy always or never solves teach nothing. Shapes: (T,) → (T,)."""
+    p = (successes.double() + prior) / (trials.double() + 2 * prior)
+    return (1.0 - p.pow(group_size) - (1.0 - p).pow(group_size)).float()

@@ -22,8 +22,13 @@ from tokenizers import Tokenizer
 from quillan.data.tokenizer import special_ids
 from quillan.model import Quillan
 from quillan.rl.config import GRPOConfig
-from quillan.rl.grpo import council_entropy, dynamic_sample, group_advantages, policy_loss
+from quillan.rl.grpo import council_entropy, dynamic_sample, group_advantages, informative_probability, policy_loss
 from quillan.rl.rollout import Group, completion_logprobs, pack_groups, sample_groups
+
+
+def task_of(record: dict[str, Any]) -> str:
+    """A record's task family, e.g. `reasoning/greater` (its domain if it names no task)."""
+    return f"{record['domain']}/{record.get('task', record['domain'])}"
 
 
 class NonFiniteError(RuntimeError):
@@ -41,6 +46,12 @@ class GRPOTrainer:
             raise ValueError(f"{len(records)} training records, fewer than grpo.prompts_per_step ({cfg.prompts_per_step})")
         self.model, self.tokenizer, self.records, self.cfg, self.seed = model, tokenizer, records, cfg, seed
         self.pad_id = special_ids(tokenizer)["pad"]
+        self.tasks = sorted({task_of(r) for r in records})
+        task_index = {t: i for i, t in enumerate(self.tasks)}
+        self.record_task = torch.tensor([task_index[task_of(r)] for r in records])
+        self.task_size = torch.bincount(self.record_task, minlength=len(self.tasks)).double()
+        # Rollout correctness so far per task: {task: [correct, completions]} (saved in checkpoints).
+        self.task_stats: dict[str, list[int]] = {t: [0, 0] for t in self.tasks}
         self.reference = None
         if cfg.beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -53,10 +64,29 @@ class GRPOTrainer:
     def _generator(self, step: int, draw: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + draw)
 
+    def task_weights(self) -> torch.Tensor:
+        """Sampling weight of each task (T,): its chance of an informative group, at least the floor."""
+        c = self.cfg
+        s, n = (torch.tensor([self.task_stats[t][i] for t in self.tasks]) for i in (0, 1))
+        return informative_probability(s, n, c.group_size).clamp(min=c.sampling_floor)
+
     def draw_prompts(self, step: int, draw: int) -> list[dict[str, Any]]:
-        """`prompts_per_step` distinct training records for draw `draw` of step `step`."""
-        idx = torch.randperm(len(self.records), generator=self._generator(step, 10_000 + draw))
-        return [self.records[i] for i in idx[: self.cfg.prompts_per_step].tolist()]
+        """`prompts_per_step` distinct training records for draw `draw` of step `step`: uniform, or
+        (learnability) each record weighted by its task's weight shared over the task's records."""
+        g = self._generator(step, 10_000 + draw)
+        k = self.cfg.prompts_per_step
+        if self.cfg.prompt_sampling == "uniform":
+            idx = torch.randperm(len(self.records), generator=g)[:k]
+        else:
+            w = (self.task_weights().double() / self.task_size)[self.record_task]
+            idx = torch.multinomial(w, k, replacement=False, generator=g)
+        return [self.records[i] for i in idx.tolist()]
+
+    def _count(self, groups: list[Group]) -> None:
+        for grp in groups:
+            stat = self.task_stats[task_of(grp.record)]
+            stat[0] += int(grp.correct.sum())
+            stat[1] += len(grp.completions)
 
     def rollouts(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """Groups for the update of `step`: with dynamic sampling, only groups whose rewards differ,
@@ -72,6 +102,7 @@ class GRPOTrainer:
                                    weights=c.rewards, overlong_cache=c.overlong_cache,
                                    generator=self._generator(step, d))
             drawn.extend(groups)
+            self._count(groups)
             return [{"rewards": g.rewards, "group": g} for g in groups]
 
         if c.dynamic_sampling:

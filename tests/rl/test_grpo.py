@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from quillan.rl import (council_entropy, dynamic_sample, group_advantages, multi_objective_reward,
-                        overlong_penalty, policy_loss)
+from quillan.rl import (council_entropy, dynamic_sample, group_advantages, informative_probability,
+                        multi_objective_reward, overlong_penalty, policy_loss)
 
 
 def test_group_advantages_every_mode_by_hand():
@@ -57,6 +57,16 @@ def test_zero_advantage_gives_zero_loss_and_gradient():
     loss, _ = policy_loss(logp, logp.detach(), adv, torch.ones(4, 5), loss_type="dapo")
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(logp.grad) == 0
+
+
+def test_informative_probability_by_hand():
+    s, n = torch.tensor([0, 0, 30, 3]), torch.tensor([0, 30, 30, 6])
+    got = informative_probability(s, n, group_size=8)
+    p = torch.tensor([0.5, 1 / 32, 31 / 32, 0.5], dtype=torch.float64)  # (s + 1) / (n + 2)
+    assert torch.allclose(got.double(), 1 - p**8 - (1 - p) ** 8, atol=1e-7)
+    assert math.isclose(float(got[0]), 1 - 2 / 256, rel_tol=1e-6)
+    assert float(got[1]) == pytest.approx(float(got[2]))  # never and always solved: equally useless
+    assert float(got[1]) < 0.23 < float(got[3])
 
 
 def test_overlong_penalty_three_regions():

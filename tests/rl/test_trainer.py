@@ -82,6 +82,8 @@ def test_grpo_step_is_deterministic_and_resumable(setup):
     c = _trainer(setup, dynamic_sampling=False)
     c.model.load_state_dict(b.model.state_dict())
     c.load_optimizer_tensors(b.optimizer_tensors())
+    c.task_stats = copy.deepcopy(b.task_stats)
+    assert sum(n for _, n in a.task_stats.values()) == 3 * 4  # the completions of step 0, by task
     a.step(1), c.step(1)
     for (name, pa), pc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
         assert torch.equal(pa, pc), name
@@ -130,3 +132,20 @@ def test_domains_restrict_the_training_prompts(setup):
     assert set(drawn) <= {"code", "writing"} and len(set(drawn)) == 2
     with pytest.raises(ValueError, match="fewer than grpo.prompts_per_step"):
         _trainer(setup, domains=["math"], prompts_per_step=1000)
+
+
+def test_learnability_sampling_prefers_tasks_with_mixed_outcomes(setup):
+    t = _trainer(setup, prompt_sampling="learnability", sampling_floor=0.05, prompts_per_step=2)
+    mixed = t.tasks[0]
+    for task in t.tasks:  # every task always failed so far, except one solved half the time
+        t.task_stats[task] = [500, 1000] if task == mixed else [0, 1000]
+    weights = t.task_weights()
+    assert float(weights[0]) == pytest.approx(1 - 2 * (501 / 1002) ** 4, abs=1e-6)
+    assert torch.all(weights[1:] == 0.05)
+    drawn = [r for step in range(100) for r in t.draw_prompts(step, 0)]
+    share = sum(f"{r['domain']}/{r['task']}" == mixed for r in drawn) / len(drawn)
+    expected = float(weights[0] / weights.sum())  # per draw of one record; two distinct records shift it a little
+    assert share > 0.5 * expected and share > 5 / len(t.tasks)
+    uniform = _trainer(setup, prompt_sampling="uniform", prompts_per_step=2)
+    u_share = sum(f"{r['domain']}/{r['task']}" == mixed for s in range(100) for r in uniform.draw_prompts(s, 0)) / 200
+    assert u_share < share / 3
