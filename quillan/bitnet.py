@@ -3,6 +3,8 @@
 Formulas: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits"
 (arXiv:2402.17764), eq. 1-3 (weights) and BitNet (arXiv:2310.11453) §2 (activations).
 The gradual λ interpolation between full-precision and ternary weights is seed note 004.
+Tequila's dead-zone bias: Huang et al., "Tequila: Trapping-free Ternary Quantization for Large
+Language Models" (arXiv:2509.23809, ICLR 2026), §3.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5
+QUANT_METHODS = ("absmean", "tequila")
 
 
 def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +43,15 @@ def activation_quantize(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor
     return q, absmax / 127.0
 
 
+def dead_zone_bias(w: torch.Tensor, q: torch.Tensor, lam: float) -> torch.Tensor:
+    """Tequila's reactivation of dead-zone weights (Huang et al. 2025, §3): per output row,
+    λ · Σ_j w_ij over the weights quantized to 0. w (out, in) float, q (out, in) its ternary
+    codes; returns (out,). Input-independent, so at inference it is a precomputed bias; in
+    training each dead weight receives ∂L/∂w_ij = λ · Σ_tokens ∂L/∂y_i, whatever the input,
+    where the plain STE gives x_j · ∂L/∂y_i (nothing when the input is 0)."""
+    return lam * (w * (q == 0).to(w.dtype)).sum(dim=-1)
+
+
 def _ste(x: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
     """Forward `x_quant`, backward identity (straight-through estimator)."""
     return x + (x_quant - x).detach()
@@ -53,14 +65,21 @@ class BitLinear(nn.Linear):
     In eval mode only the ternary weights `scale * q` are used (the deployable model).
     `quantize=False` turns the layer into a plain `nn.Linear` (the full-precision reference).
     Activation quantization (`act_quant`) is independent of `lam`.
+    `method="tequila"` adds the dead-zone bias (`dead_zone_bias`, weight `tequila_lambda`), in
+    training scaled by `lam` like the ternary weights, in eval in full.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, per_channel: bool = False,
-                 act_quant: bool = True, quantize: bool = True, device=None, dtype=None):
+                 act_quant: bool = True, quantize: bool = True, method: str = "absmean",
+                 tequila_lambda: float = 1e-3, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if method not in QUANT_METHODS:
+            raise ValueError(f"unknown quantization method {method!r} (one of: {', '.join(QUANT_METHODS)})")
         self.per_channel = per_channel
         self.act_quant = act_quant
         self.quantize = quantize
+        self.method = method
+        self.tequila_lambda = tequila_lambda
         self.lam = 1.0
 
     def ternary_weight(self) -> torch.Tensor:
@@ -84,12 +103,22 @@ class BitLinear(nn.Linear):
         q, scale = activation_quantize(x.detach())
         return _ste(x, q.to(x.dtype) * scale)
 
+    def dead_zone_bias(self) -> torch.Tensor:
+        """Tequila's bias (out,) from the current weights (differentiable in them)."""
+        q, _ = ternary_quantize(self.weight.detach(), self.per_channel)
+        return dead_zone_bias(self.weight, q, self.tequila_lambda)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.effective_weight(), self.bias)
+        y = F.linear(self.quantized_input(x), self.effective_weight(), self.bias)
+        if self.quantize and self.method == "tequila":
+            lam = self.lam if self.training else 1.0
+            if lam > 0.0:
+                y = y + lam * self.dead_zone_bias().to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lam={self.lam}, quantize={self.quantize}, "
-                f"act_quant={self.act_quant}, per_channel={self.per_channel}")
+                f"act_quant={self.act_quant}, per_channel={self.per_channel}, method={self.method}")
 
 
 def bit_linears(model: nn.Module) -> list[BitLinear]:
@@ -117,3 +146,21 @@ def weight_sparsity(model: nn.Module) -> float:
         zeros += int((q == 0).sum())
         total += q.numel()
     return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def zero_exit_share(before: nn.Module, after: nn.Module) -> float:
+    """Share of the ternary weights quantized to 0 in `before` that are ±1 in `after` (two states
+    of one architecture), over all quantizing BitLinears; 0.0 if `before` has no zeros. With the
+    plain STE a weight leaves the dead zone only through noisy input-weighted gradients; tequila
+    gives it a direct one (the trapping Huang et al. 2025 measure)."""
+    was = left = 0
+    for a, b in zip(bit_linears(before), bit_linears(after)):
+        if not a.quantize:
+            continue
+        qa, _ = ternary_quantize(a.weight, a.per_channel)
+        qb, _ = ternary_quantize(b.weight, b.per_channel)
+        dead = qa == 0
+        was += int(dead.sum())
+        left += int((dead & (qb != 0)).sum())
+    return left / was if was else 0.0

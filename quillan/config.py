@@ -42,6 +42,9 @@ class QuillanConfig:
     quantize: bool = True             # False: every BitLinear is a plain Linear (FP reference)
     act_quant: bool = True            # 8-bit per-token activations in BitLinear
     per_channel: bool = False         # per-output-channel weight scales (default: per tensor)
+    quant_method: str = "absmean"     # absmean (BitNet b1.58) or tequila (+ dead-zone bias); params: quant.method
+    tequila_lambda: float = 1e-3      # λ of tequila's dead-zone bias; params: quant.tequila_lambda
+    linear_bias: bool = False         # BitLinears carry a bias (fp16 copies of tequila models fold it in)
     grad_checkpointing: bool = False
     dropout: float = 0.0
 
@@ -72,6 +75,9 @@ class QuillanConfig:
              f"model.micro_top_k ({self.micro_top_k}) must be <= model.n_micro ({self.n_micro})")
         need(self.early_exit_threshold > 0, f"model.early_exit_threshold must be > 0, got {self.early_exit_threshold}")
         need(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        need(self.quant_method in ("absmean", "tequila"),
+             f"quant.method must be absmean or tequila, got {self.quant_method!r}")
+        need(self.tequila_lambda >= 0, f"quant.tequila_lambda must be >= 0, got {self.tequila_lambda}")
 
     @property
     def head_dim(self) -> int:

@@ -166,7 +166,8 @@ class Quillan(nn.Module):
     def __init__(self, cfg: QuillanConfig):
         super().__init__()
         self.cfg = cfg
-        bl = dict(per_channel=cfg.per_channel, act_quant=cfg.act_quant, quantize=cfg.quantize)
+        bl = dict(per_channel=cfg.per_channel, act_quant=cfg.act_quant, quantize=cfg.quantize,
+                  method=cfg.quant_method, tequila_lambda=cfg.tequila_lambda, bias=cfg.linear_bias)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, cfg.has_council(i), **bl) for i in range(cfg.n_layers))
         self.diffusion = DiffusionRefiner(cfg, **bl) if cfg.diffusion_steps > 0 else None

@@ -28,7 +28,7 @@ def initial_model(params: Params, tokenizer: Tokenizer, checkpoint: str | None) 
         model, _ = load_model_dir(Path(checkpoint))
         return model
     torch.manual_seed(params.seed)
-    return Quillan(params.model.build(vocab_size=tokenizer.get_vocab_size()))
+    return Quillan(params.quillan_config(tokenizer.get_vocab_size()))
 
 
 def run(params: Params) -> dict:

@@ -36,9 +36,13 @@ class ConfigError(ValueError):
     """A configuration problem; str() is one line per problem."""
 
 
+# QuillanConfig fields set from other params sections (quant.*) or by the exports, not under `model:`.
+NOT_MODEL_PARAMS = {"quant_method": "quant.method", "tequila_lambda": "quant.tequila_lambda", "linear_bias": None}
+
+
 def _model_params_base():
     hints = typing.get_type_hints(QuillanConfig)
-    fields = {name: (Optional[hints[name]], None) for name in QuillanConfig.field_names()}
+    fields = {name: (Optional[hints[name]], None) for name in QuillanConfig.field_names() - set(NOT_MODEL_PARAMS)}
     return create_model("ModelFields", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -58,6 +62,17 @@ class ModelParams(_model_params_base()):
         return QuillanConfig.preset(self.preset, **{**set_keys, **overrides})
 
 
+class QuantParams(BaseModel):
+    """`quant:`: how BitLinear weights are quantized in training (and so what the exports compute)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["absmean", "tequila"] = Field(
+        "absmean", description="absmean: BitNet b1.58 round-clip with the plain STE; tequila: plus the dead-zone "
+                               "bias λ·Σ(weights quantized to 0) per output, which gives trapped weights a gradient "
+                               "(Huang et al. 2025)")
+    tequila_lambda: float = Field(1e-3, ge=0, description="λ of tequila's dead-zone bias")
+
+
 class Params(BaseModel):
     """Everything `params.yaml` may hold. Sections are the stages' configs."""
 
@@ -66,11 +81,17 @@ class Params(BaseModel):
     seed: int = Field(0, ge=0, description="master seed; every stage derives its RNGs from it")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelParams = Field(default_factory=ModelParams)
+    quant: QuantParams = Field(default_factory=QuantParams)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    def quillan_config(self, vocab_size: int) -> QuillanConfig:
+        """The model to build: `model:` (preset and fields) with `quant:` and the tokenizer's vocabulary."""
+        return self.model.build(vocab_size=vocab_size, quant_method=self.quant.method,
+                                tequila_lambda=self.quant.tequila_lambda)
 
 
 def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

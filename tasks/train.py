@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from quillan.checkpoint import load_model_dir, save_model_dir
 from quillan.config import QuillanConfig
+from quillan.model import Quillan
 from quillan.train.config import TrainConfig
 from quillan.train.data import TokenizedRecords, tokens_seen
 from quillan.train.evaluate import evaluate_loss
@@ -52,7 +53,8 @@ def _rank() -> int:
 
 def fingerprint(params: Params) -> str:
     """What a resumable checkpoint must agree with: config and input data bytes."""
-    blob = json.dumps({"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump(),
+    blob = json.dumps({"seed": params.seed, "model": params.model.model_dump(), "quant": params.quant.model_dump(),
+                       "train": params.train.model_dump(),
                        "data": [file_md5(DATA / "train.jsonl"), file_md5(TOKENIZER)]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -97,6 +99,14 @@ def lightning_strategy(name: str):
 
         return DDPStrategy(find_unused_parameters=True)
     return name
+
+
+def initial_model(params: Params, model_cfg: QuillanConfig) -> torch.nn.Module:
+    """The ternary model as training started (QuillanLightning's seeded init, or init_checkpoint)."""
+    if params.train.init_checkpoint:
+        return load_model_dir(Path(params.train.init_checkpoint))[0]
+    torch.manual_seed(params.seed)
+    return Quillan(model_cfg)
 
 
 def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_set, run_id: str | None,
@@ -191,7 +201,7 @@ def _write_curves(hist: dict, ref_hist: dict | None) -> None:
 def run(params: Params) -> dict:
     cfg = params.train
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
-    model_cfg = params.model.build(vocab_size=tokenizer.get_vocab_size())
+    model_cfg = params.quillan_config(tokenizer.get_vocab_size())
     train_set = TokenizedRecords(read_jsonl(DATA / "train.jsonl"), tokenizer, model_cfg.max_seq_len)
     val_set = TokenizedRecords(read_jsonl(DATA / "val.jsonl"), tokenizer, model_cfg.max_seq_len)
     _prepare_checkpoints(fingerprint(params))
@@ -210,13 +220,15 @@ def run(params: Params) -> dict:
             ref_seconds = time.perf_counter() - t1
         if not is_zero:
             return {}
-        from quillan.bitnet import weight_sparsity
+        from quillan.bitnet import weight_sparsity, zero_exit_share
 
         ev = evaluate_loss(model, val_set)
         n_tokens = tokens_seen(train_set, cfg.batch_size, cfg.max_steps, params.seed)
         metrics = {"steps": cfg.max_steps, "lambda_schedule": cfg.lambda_schedule,
                    "ternary": {"val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
-                               "weight_sparsity": weight_sparsity(model), "train_seconds": round(seconds, 1),
+                               "weight_sparsity": weight_sparsity(model),
+                               "zero_exit_share": zero_exit_share(initial_model(params, model_cfg), model),
+                               "train_seconds": round(seconds, 1),
                                "tokens_per_s": round(n_tokens / seconds, 1)}}
         with atomic_path(OUT_DIR) as tmp:
             save_model_dir(tmp, model, tokenizer)

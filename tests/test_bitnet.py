@@ -1,3 +1,5 @@
+import copy
+
 import torch
 from torch import nn
 
@@ -93,3 +95,48 @@ def test_set_lambda_reaches_every_bitlinear_and_sparsity():
         assert "[0, 1]" in str(e)
     else:
         raise AssertionError("λ = 1.5 accepted")
+
+
+def test_tequila_gives_dead_zone_weights_a_gradient_where_the_ste_gives_none():
+    """With zero input the plain STE gradient x_j·∂L/∂y_i vanishes for every weight; tequila's
+    dead-zone bias gives exactly the weights quantized to 0 the gradient λ·Σ_tokens ∂L/∂y_i."""
+    from quillan.bitnet import BitLinear, ternary_quantize
+
+    torch.manual_seed(0)
+    x = torch.zeros(5, 16)
+    g = torch.randn(5, 8)  # ∂L/∂y
+    grads = {}
+    for method in ("absmean", "tequila"):
+        layer = BitLinear(16, 8, act_quant=False, method=method, tequila_lambda=0.01).train()
+        layer.weight.data = torch.linspace(-1, 1, 128).view(8, 16).clone()
+        (layer(x) * g).sum().backward()
+        grads[method] = layer.weight.grad
+    q, _ = ternary_quantize(torch.linspace(-1, 1, 128).view(8, 16))
+    dead = q == 0
+    assert 0 < int(dead.sum()) < 128
+    assert torch.count_nonzero(grads["absmean"]) == 0
+    expected = (0.01 * g.sum(0))[:, None].expand(8, 16) * dead
+    assert torch.allclose(grads["tequila"], expected, atol=1e-7)
+
+
+def test_tequila_eval_adds_the_precomputed_bias_and_zero_exit_share():
+    from quillan.bitnet import BitLinear, dead_zone_bias, ternary_quantize, zero_exit_share
+
+    torch.manual_seed(1)
+    layer = BitLinear(32, 4, method="tequila", tequila_lambda=0.5).eval()
+    plain = BitLinear(32, 4).eval()
+    plain.weight.data = layer.weight.data.clone()
+    x = torch.randn(3, 32)
+    q, _ = ternary_quantize(layer.weight)
+    bias = 0.5 * (layer.weight * (q == 0)).sum(1)
+    assert torch.allclose(dead_zone_bias(layer.weight, q, 0.5), bias)
+    assert torch.allclose(layer(x), plain(x) + bias, atol=1e-6)
+    before = torch.nn.Sequential(plain)
+    after = copy.deepcopy(before)
+    w = after[0].weight.data
+    dead = ternary_quantize(w)[0] == 0
+    first_dead = dead.flatten().nonzero()[0].item()
+    w.view(-1)[first_dead] = 10.0  # one dead weight leaves the dead zone (the scale moves a little)
+    share = zero_exit_share(before, after)
+    assert share >= 1 / int(dead.sum()) and share < 0.5
+    assert zero_exit_share(before, before) == 0.0

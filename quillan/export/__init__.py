@@ -104,22 +104,29 @@ def _bnb():
     return bnb
 
 
-def _int8_linear(weight: torch.Tensor, threshold: float) -> nn.Module:
+def _with_bias(lin: nn.Module, bias: torch.Tensor | None) -> nn.Module:
+    """`lin` with a float bias parameter (tequila's dead-zone bias), or unchanged without one."""
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    return lin
+
+
+def _int8_linear(weight: torch.Tensor, threshold: float, bias: torch.Tensor | None = None) -> nn.Module:
     bnb = _bnb()
     lin = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
                               threshold=threshold)
     lin.weight = bnb.nn.Int8Params(weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False)
-    return lin.to("cpu")  # quantizes (LLM.int8 row-wise absmax)
+    return _with_bias(lin.to("cpu"), bias)  # .to quantizes (LLM.int8 row-wise absmax)
 
 
-def _int4_linear(weight: torch.Tensor, quant_type: str) -> nn.Module:
+def _int4_linear(weight: torch.Tensor, quant_type: str, bias: torch.Tensor | None = None) -> nn.Module:
     bnb = _bnb()
     # No double quantization: its second-level tables cost ~1 KiB per layer, more than it saves here.
     lin = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32,
                             compress_statistics=False, quant_type=quant_type)
     lin.weight = bnb.nn.Params4bit(weight.detach().float(), requires_grad=False, compress_statistics=False,
                                    quant_type=quant_type, module=lin)
-    return lin.to("cpu")  # quantizes (blockwise NF4/FP4)
+    return _with_bias(lin.to("cpu"), bias)  # .to quantizes (blockwise NF4/FP4)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -155,16 +162,27 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
 
     `fp16` returns a plain float model (config `quantize: false`) whose linear weights are the
     dequantized ternary weights scale·q: trainable, the starting point for further training.
+    A tequila model's dead-zone biases become real biases (config `linear_bias: true`) in `fp16`
+    and a bias of the exported layer in the other variants.
     """
     model.eval()
     plan = variant_plan(model, variant, cfg)
+    tequila = model.cfg.quant_method == "tequila"
+    biases = {name: m.dead_zone_bias().detach() for name, m in model.named_modules()
+              if tequila and name in plan and isinstance(m, BitLinear)}
     if variant == "fp16":
         ternary = {name: m.ternary_weight() for name, m in model.named_modules() if name in plan}
         for name, w in ternary.items():
             m = model.get_submodule(name)
             m.weight.copy_(w)
             m.quantize = False
-        model.cfg = QuillanConfig(**{**model.cfg.to_dict(), "quantize": False})
+        if tequila:
+            for name, m in model.named_modules():
+                if isinstance(m, BitLinear):
+                    m.bias = nn.Parameter(biases.get(name, torch.zeros(m.out_features)))
+                    m.method = "absmean"
+        model.cfg = QuillanConfig(**{**model.cfg.to_dict(), "quantize": False, "quant_method": "absmean",
+                                     "linear_bias": model.cfg.linear_bias or tequila})
         return model.half().float(), plan  # values rounded to FP16, as stored
     for name, precision in plan.items():
         parent, _, leaf = name.rpartition(".")
@@ -172,15 +190,15 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
             _set_bank(model.get_submodule(parent), leaf, Int8Rows.from_float(getattr(model.get_submodule(parent), leaf)))
             continue
         m = model.get_submodule(name)
-        w = m.ternary_weight()
+        w, bias = m.ternary_weight(), biases.get(name)
         if precision == "ternary":
-            new = TernaryLinear.from_float(m.weight, m.per_channel, m.act_quant)
+            new = TernaryLinear.from_float(m.weight, m.per_channel, m.act_quant, bias)
         elif precision == "int8":
-            new = _int8_linear(w, cfg.int8_threshold)
+            new = _int8_linear(w, cfg.int8_threshold, bias)
         elif precision == "int4":
-            new = _int4_linear(w, cfg.int4_type)
+            new = _int4_linear(w, cfg.int4_type, bias)
         else:
-            new = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            new = _with_bias(nn.Linear(w.shape[1], w.shape[0], bias=False), bias)
             new.weight.copy_(w.half().float())
         _set_module(model, name, new)
     for p in model.parameters():  # what stays float is stored in FP16: hold the same values
@@ -214,7 +232,7 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(m, bnb.nn.Linear8bitLt):
         scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
         cb = m.weight.data if m.weight.data.dtype == torch.int8 else m.state.CB
-        return {"weight": cb, "SCB": scb}
+        return {"weight": cb, "SCB": scb, **({"bias": m.bias.detach()} if m.bias is not None else {})}
     if isinstance(m, bnb.nn.Linear4bit):
         sd: dict[str, torch.Tensor] = {}
         m._save_to_state_dict(sd, "", keep_vars=False)
@@ -289,8 +307,12 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> dict[str
 def _rebuild(precision: str, t: dict[str, torch.Tensor], shape: list[int], cfg: QuillanConfig) -> nn.Module:
     """The inference module of one quantized layer from its stored tensors, shape-checked."""
     out_f, in_f = shape
+    bias = t.get("bias")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias is {tuple(bias.shape)}, metadata says ({out_f},)")
     if precision == "ternary":
-        return TernaryLinear.from_export(t["packed"], t["scale"], (out_f, in_f), act_quant=cfg.act_quant)
+        return TernaryLinear.from_export(t["packed"], t["scale"], (out_f, in_f), act_quant=cfg.act_quant,
+                                         bias=None if bias is None else bias.float())
     if precision == "int8":
         if t["weight"].shape != (out_f, in_f) or t["weight"].dtype != torch.int8:
             raise ValueError(f"weight is {t['weight'].dtype} {tuple(t['weight'].shape)}, metadata says int8 {(out_f, in_f)}")
@@ -299,7 +321,7 @@ def _rebuild(precision: str, t: dict[str, torch.Tensor], shape: list[int], cfg: 
         w = bnb.nn.Int8Params(t["weight"], requires_grad=False, has_fp16_weights=False)
         w.CB, w.SCB = t["weight"], t["SCB"].float()
         lin.weight = w
-        return lin
+        return _with_bias(lin, bias)
     if precision == "int4":
         bnb = _bnb()
         stats = {k[len("weight."):]: v for k, v in t.items() if k.startswith("weight.")}
@@ -307,11 +329,11 @@ def _rebuild(precision: str, t: dict[str, torch.Tensor], shape: list[int], cfg: 
         lin.weight = bnb.nn.Params4bit.from_prequantized(t["weight"], stats, device="cpu", module=lin)
         if tuple(lin.weight.quant_state.shape) != (out_f, in_f):
             raise ValueError(f"quant state shape {tuple(lin.weight.quant_state.shape)}, metadata says {(out_f, in_f)}")
-        return lin
+        return _with_bias(lin, bias)
     if precision == "fp16":
         lin = nn.Linear(in_f, out_f, bias=False)
         lin.weight.data = t["weight"].float()
-        return lin
+        return _with_bias(lin, bias)
     raise ValueError(f"unknown precision {precision!r}")
 
 

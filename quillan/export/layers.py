@@ -38,14 +38,15 @@ def default_path() -> str:
 class TernaryLinear(nn.Module):
     """y = x Wᵀ for ternary W = scale · q, q ∈ {-1, 0, 1}^(out, in), packed 2 bits per weight.
 
-    Buffers: `packed` (uint8, (out, ceil(in / 128) · 32)) and `scale` (float32, () or (out, 1)).
+    Buffers: `packed` (uint8, (out, ceil(in / 128) · 32)) and `scale` (float32, () or (out, 1)),
+    and `bias` (float32, (out,)) when given: tequila's precomputed dead-zone bias.
     With `act_quant`, x is quantized per token to int8 and multiplied in integers.
     """
 
     PATHS = ("native", "float", "int_mm")
 
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, scale: torch.Tensor,
-                 act_quant: bool = True):
+                 act_quant: bool = True, bias: torch.Tensor | None = None):
         super().__init__()
         expected = (out_features, kernels.padded(in_features) // 4)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
@@ -54,20 +55,24 @@ class TernaryLinear(nn.Module):
         self.in_features, self.out_features, self.act_quant = in_features, out_features, act_quant
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale.float())
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.path = default_path()
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, per_channel: bool = False, act_quant: bool = True) -> "TernaryLinear":
+    def from_float(cls, weight: torch.Tensor, per_channel: bool = False, act_quant: bool = True,
+                   bias: torch.Tensor | None = None) -> "TernaryLinear":
         """Quantize a float weight (out, in) with absmean (BitNet b1.58 eq. 1-3) and pack it."""
         q, scale = ternary_quantize(weight.detach().float(), per_channel)
-        return cls(weight.shape[1], weight.shape[0], kernels.pack_i2(q), scale, act_quant)
+        return cls(weight.shape[1], weight.shape[0], kernels.pack_i2(q), scale, act_quant, bias)
 
     @classmethod
     def from_export(cls, packed_1p6: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
-                    act_quant: bool = True) -> "TernaryLinear":
+                    act_quant: bool = True, bias: torch.Tensor | None = None) -> "TernaryLinear":
         """From the on-disk form: 5 weights per byte (`quillan.packing.pack_ternary`)."""
         q = unpack_ternary(packed_1p6, shape)
-        return cls(shape[1], shape[0], kernels.pack_i2(q), scale, act_quant)
+        return cls(shape[1], shape[0], kernels.pack_i2(q), scale, act_quant, bias)
 
     def ternary(self) -> torch.Tensor:
         """q (out, in) int8, unpacked on demand."""
@@ -78,8 +83,11 @@ class TernaryLinear(nn.Module):
         return self.packed.numel()
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        """The on-disk form: `packed` at 1.6 bits per weight and `scale`."""
-        return {"packed": pack_ternary(self.ternary()), "scale": self.scale.clone()}
+        """The on-disk form: `packed` at 1.6 bits per weight, `scale` (and `bias` if any)."""
+        out = {"packed": pack_ternary(self.ternary()), "scale": self.scale.clone()}
+        if self.bias is not None:
+            out["bias"] = self.bias.clone()
+        return out
 
     def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """x (..., in) float → (..., out) in x's dtype. `path` overrides `self.path` (benchmarks, tests)."""
@@ -100,6 +108,8 @@ class TernaryLinear(nn.Module):
                 raise ValueError(f"unknown kernel path {path!r} (one of: {', '.join(self.PATHS)})")
         if path != "native" or not self.act_quant:
             y = y * (self.scale.view(1, -1) if self.scale.dim() else self.scale)
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -130,9 +140,10 @@ class GroupedTernarySwiGLU:
 
     @staticmethod
     def supports(experts: Sequence[nn.Module]) -> bool:
-        """True if every expert is a SwiGLU of act-quantized TernaryLinear layers and the kernels load."""
+        """True if every expert is a SwiGLU of act-quantized, bias-free TernaryLinear layers and the
+        kernels load."""
         return kernels.library() is not None and all(
-            isinstance(getattr(e, n, None), TernaryLinear) and getattr(e, n).act_quant
+            isinstance(getattr(e, n, None), TernaryLinear) and getattr(e, n).act_quant and getattr(e, n).bias is None
             for e in experts for n in ("w1", "w3", "w2"))
 
     def _linear(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -189,3 +189,24 @@ def test_quality_gate_and_champion():
     assert pick_champion(rows, ["ternary", "int8", "fp16"], "accuracy") == "int8"  # tie with fp16: smaller wins
     assert pick_champion(rows, ["ternary", "int8"], "size_bytes") == "ternary"
     assert pick_champion(rows, [], "accuracy") is None
+
+
+def test_tequila_models_export_their_dead_zone_bias_in_every_variant(tmp_path):
+    torch.manual_seed(0)
+    base = Quillan(QuillanConfig.preset("smoke", vocab_size=384, quant_method="tequila", tequila_lambda=0.05)).eval()
+    ids = torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = base(ids).logits
+        for v in VARIANTS:
+            model, plan = convert(copy.deepcopy(base), v, ExportConfig())
+            save(model, tmp_path / v, v, plan, {})
+            reloaded, _ = load(tmp_path / v)
+            out = reloaded(ids).logits
+            assert torch.allclose(out, model(ids).logits, atol=1e-5), v
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max(), v
+            if v == "ternary":
+                layer = reloaded.get_submodule("blocks.0.attn.q_proj")
+                expected = base.get_submodule("blocks.0.attn.q_proj").dead_zone_bias()
+                assert torch.allclose(layer.bias, expected)
+            if v == "fp16":
+                assert reloaded.cfg.linear_bias and reloaded.cfg.quant_method == "absmean"

@@ -85,3 +85,16 @@ def test_write_params_rejects_bad_values_without_touching_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown preset 'tiny'"):
         write_params(p, preset="tiny")
     assert p.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_quant_section_reaches_the_model_config_and_only_there():
+    from tasks.params import PARAMS_FILE
+
+    p = load_params(PARAMS_FILE, overrides={"quant.method": "tequila", "quant.tequila_lambda": 0.01})
+    cfg = p.quillan_config(vocab_size=500)
+    assert (cfg.quant_method, cfg.tequila_lambda, cfg.vocab_size) == ("tequila", 0.01, 500)
+    assert load_params(PARAMS_FILE).quillan_config(500).quant_method == "absmean"
+    with pytest.raises(ConfigError, match=r"quant.method"):
+        load_params(PARAMS_FILE, overrides={"quant.method": "ternary"})
+    with pytest.raises(ConfigError, match=r"unknown key 'model.quant_method'"):
+        load_params(PARAMS_FILE, overrides={"model.quant_method": "tequila"})
