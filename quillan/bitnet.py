@@ -4,7 +4,8 @@ Formulas: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in 1.
 (arXiv:2402.17764), eq. 1-3 (weights) and BitNet (arXiv:2310.11453) §2 (activations).
 The gradual λ interpolation between full-precision and ternary weights is seed note 004.
 Tequila's dead-zone bias: Huang et al., "Tequila: Trapping-free Ternary Quantization for Large
-Language Models" (arXiv:2509.23809, ICLR 2026), §3.
+Language Models" (arXiv:2509.23809, ICLR 2026), §3. Binary weights (the adaptive plan's micro
+agents): Rastegari et al., "XNOR-Net" (arXiv:1603.05279), §3.1, eq. 2-4.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from torch import nn
 
 EPS = 1e-5
 QUANT_METHODS = ("absmean", "tequila")
+# uniform: every BitLinear ternary, routers and micro-agent banks full precision.
+# adaptive (seed note 001): micro agents binary, experts (and the rest) ternary, routers full precision.
+QUANT_PLANS = ("uniform", "adaptive")
 
 
 def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +34,25 @@ def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EP
         scale = w.abs().mean()
     q = (w / (scale + eps)).round().clamp_(-1, 1).to(torch.int8)
     return q, scale
+
+
+def binary_quantize(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """XNOR-Net binarization (Rastegari et al. 2016, §3.1): `scale * sign(w)` per row of the last
+    dim, `scale = mean(|w|)` over that row (the L2-optimal scale for sign codes, eq. 4); sign(0) is
+    +1, so every row holds exactly two values ±scale. Same shape and dtype as `w`."""
+    scale = w.abs().mean(dim=-1, keepdim=True).clamp(min=eps)
+    return torch.where(w >= 0, scale, -scale)
+
+
+def binary_weight(w: torch.Tensor, lam: float, training: bool) -> torch.Tensor:
+    """The effective binary weight, like BitLinear's ternary one: in training
+    `(1 - lam) * w + lam * STE(binary_quantize(w))` (gradients reach `w`), in eval pure binary."""
+    if not training:
+        return binary_quantize(w)
+    if lam <= 0.0:
+        return w
+    w_b = _ste(w, binary_quantize(w))
+    return w_b if lam >= 1.0 else (1.0 - lam) * w + lam * w_b
 
 
 def activation_quantize(x: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +149,16 @@ def bit_linears(model: nn.Module) -> list[BitLinear]:
 
 
 def set_lambda(model: nn.Module, lam: float) -> int:
-    """Set λ on every BitLinear of `model`; returns how many layers were set."""
+    """Set λ on every BitLinear of `model` (and on modules with binary weights, which carry a
+    `binary_weights` flag); returns how many BitLinears were set."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     layers = bit_linears(model)
     for m in layers:
         m.lam = float(lam)
+    for m in model.modules():
+        if getattr(m, "binary_weights", False):
+            m.lam = float(lam)
     return len(layers)
 
 

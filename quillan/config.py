@@ -44,6 +44,7 @@ class QuillanConfig:
     per_channel: bool = False         # per-output-channel weight scales (default: per tensor)
     quant_method: str = "absmean"     # absmean (BitNet b1.58) or tequila (+ dead-zone bias); params: quant.method
     tequila_lambda: float = 1e-3      # λ of tequila's dead-zone bias; params: quant.tequila_lambda
+    quant_plan: str = "uniform"       # uniform | adaptive (micro agents binary); params: quant.plan
     linear_bias: bool = False         # BitLinears carry a bias (fp16 copies of tequila models fold it in)
     grad_checkpointing: bool = False
     dropout: float = 0.0
@@ -77,6 +78,8 @@ class QuillanConfig:
         need(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         need(self.quant_method in ("absmean", "tequila"),
              f"quant.method must be absmean or tequila, got {self.quant_method!r}")
+        need(self.quant_plan in ("uniform", "adaptive"),
+             f"quant.plan must be uniform or adaptive, got {self.quant_plan!r}")
         need(self.tequila_lambda >= 0, f"quant.tequila_lambda must be >= 0, got {self.tequila_lambda}")
 
     @property

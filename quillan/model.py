@@ -99,7 +99,8 @@ class Block(nn.Module):
         self.council = council
         if council:
             self.ffn = CouncilFFN(cfg.dim, cfg.n_council, cfg.council_top_k, cfg.n_experts, cfg.expert_top_k,
-                                  cfg.expert_hidden, cfg.n_micro, cfg.micro_top_k, cfg.micro_key_dim, **bl)
+                                  cfg.expert_hidden, cfg.n_micro, cfg.micro_top_k, cfg.micro_key_dim,
+                                  binary_agents=cfg.quantize and cfg.quant_plan == "adaptive", **bl)
         else:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden, **bl)
 

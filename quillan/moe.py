@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quillan.bitnet import BitLinear
+from quillan.bitnet import BitLinear, binary_weight
 
 
 def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ class CouncilFFN(nn.Module):
 
     def __init__(self, dim: int, n_council: int, council_top_k: int, n_experts: int, expert_top_k: int,
                  expert_hidden: int, n_micro: int = 0, micro_top_k: int = 0, micro_key_dim: int = 32,
-                 **bitlinear_kw):
+                 binary_agents: bool = False, **bitlinear_kw):
         super().__init__()
         self.M, self.kc, self.E, self.ke = n_council, council_top_k, n_experts, expert_top_k
         self.P, self.kp = n_micro, micro_top_k
@@ -105,6 +105,10 @@ class CouncilFFN(nn.Module):
             self.micro_down = nn.Parameter(torch.randn(n_council, n_micro, dim) / dim**0.5)
             self.micro_up = nn.Parameter(torch.zeros(n_council, n_micro, dim))
             self.key_dim = micro_key_dim
+        # quant.plan adaptive (seed note 001): the agents' banks (micro_down, micro_up) are binary,
+        # ±mean|row| per agent, with the same λ warmup as the ternary layers (set_lambda sets lam).
+        self.binary_weights = binary_agents and n_micro > 0
+        self.lam = 1.0
         self.expert_calls = 0  # how many expert forward calls ran (tests count dispatch)
         # Inference only, set by quillan.export for native ternary experts: every expert in one
         # grouped call, (x (A, D) sorted by expert, counts (M·E,)) → (A, D).
@@ -121,14 +125,19 @@ class CouncilFFN(nn.Module):
         b_w, b_idx = _topk_renorm(beta, self.ke)                        # (N, kc, ke)
         return ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx
 
+    def _agents(self, rows: torch.Tensor) -> torch.Tensor:
+        """Gathered bank rows (..., D) as the agents use them: binary per row under the adaptive
+        plan (each row is one agent, so binarizing after the gather equals binarizing the bank)."""
+        return binary_weight(rows, self.lam, self.training) if self.binary_weights else rows
+
     def _micro(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """Micro-agent output of one member for its tokens x (n, D) (the reference, for forward_naive)."""
         q = self.micro_query(x).view(-1, self.M, self.key_dim)[:, member]   # (n, dk)
         scores = q @ self.micro_keys[member].T                                 # (n, P)
         s, idx = scores.topk(self.kp, dim=-1)                                  # (n, kp)
         g = s.float().softmax(dim=-1).to(x.dtype)
-        u = F.embedding(idx, self.micro_down[member])                          # (n, kp, D), gathered rows only
-        v = F.embedding(idx, self.micro_up[member])
+        u = self._agents(F.embedding(idx, self.micro_down[member]))           # (n, kp, D), gathered rows only
+        v = self._agents(F.embedding(idx, self.micro_up[member]))
         h = F.gelu(torch.einsum("nd,nkd->nk", x, u)) * g
         return torch.einsum("nk,nkd->nd", h, v)
 
@@ -145,7 +154,8 @@ class CouncilFFN(nn.Module):
         s, idx = scores.topk(self.kp, dim=-1)                                        # (N, kc, kp)
         g = s.float().softmax(dim=-1).to(xs.dtype)
         rows = a_idx[..., None] * self.P + idx                                       # rows of the (M·P, D) banks
-        u, v = _bank_rows(self.micro_down, rows), _bank_rows(self.micro_up, rows)    # (N, kc, kp, D)
+        u = self._agents(_bank_rows(self.micro_down, rows))                          # (N, kc, kp, D)
+        v = self._agents(_bank_rows(self.micro_up, rows))
         h = F.gelu(torch.einsum("nd,nckd->nck", xs, u)) * g
         return torch.einsum("nck,nckd->nd", h * a_w[..., None], v)
 

@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 
 
 # QuillanConfig fields set from other params sections (quant.*) or by the exports, not under `model:`.
-NOT_MODEL_PARAMS = {"quant_method": "quant.method", "tequila_lambda": "quant.tequila_lambda", "linear_bias": None}
+NOT_MODEL_PARAMS = {"quant_method": "quant.method", "tequila_lambda": "quant.tequila_lambda", "quant_plan": "quant.plan",
+                    "linear_bias": None}
 
 
 def _model_params_base():
@@ -71,6 +72,10 @@ class QuantParams(BaseModel):
                                "bias λ·Σ(weights quantized to 0) per output, which gives trapped weights a gradient "
                                "(Huang et al. 2025)")
     tequila_lambda: float = Field(1e-3, ge=0, description="λ of tequila's dead-zone bias")
+    plan: Literal["uniform", "adaptive"] = Field(
+        "uniform", description="uniform: every BitLinear ternary, routers and micro-agent banks full precision; "
+                               "adaptive (seed note 001): micro-agent banks binary (±mean|row|, trained with the "
+                               "λ warmup), experts and the rest ternary, overseer and routers full precision")
 
 
 class Params(BaseModel):
@@ -91,7 +96,7 @@ class Params(BaseModel):
     def quillan_config(self, vocab_size: int) -> QuillanConfig:
         """The model to build: `model:` (preset and fields) with `quant:` and the tokenizer's vocabulary."""
         return self.model.build(vocab_size=vocab_size, quant_method=self.quant.method,
-                                tequila_lambda=self.quant.tequila_lambda)
+                                tequila_lambda=self.quant.tequila_lambda, quant_plan=self.quant.plan)
 
 
 def available_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

@@ -1,9 +1,11 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from quillan.bitnet import BitLinear, activation_quantize, set_lambda, ternary_quantize, weight_sparsity
+from quillan.bitnet import (BitLinear, activation_quantize, binary_quantize, binary_weight, set_lambda,
+                            ternary_quantize, weight_sparsity)
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
 
@@ -140,3 +142,24 @@ def test_tequila_eval_adds_the_precomputed_bias_and_zero_exit_share():
     share = zero_exit_share(before, after)
     assert share >= 1 / int(dead.sum()) and share < 0.5
     assert zero_exit_share(before, before) == 0.0
+
+
+def test_binary_quantize_holds_exactly_two_values_per_row_at_the_l1_scale():
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 0.0  # sign(0) must be +1, not a third value
+    b = binary_quantize(w)
+    for row, src in zip(b, w):
+        scale = src.abs().mean()
+        assert sorted(row.unique().tolist()) == pytest.approx([-scale.item(), scale.item()])
+    assert b[0, 0] > 0
+    assert torch.equal(b.sign(), torch.where(w >= 0, 1.0, -1.0))
+
+
+def test_binary_weight_interpolates_in_training_and_passes_gradients_straight_through():
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = binary_weight(w, 0.25, training=True)
+    assert torch.allclose(out, 0.75 * w + 0.25 * binary_quantize(w))
+    out.sum().backward()
+    assert torch.allclose(w.grad, torch.ones_like(w))  # STE: identity for both terms
+    assert torch.equal(binary_weight(w, 0.25, training=False), binary_quantize(w))
+    assert binary_weight(w, 0.0, training=True) is w

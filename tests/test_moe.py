@@ -78,3 +78,23 @@ def test_auxiliary_losses_are_skipped_without_autograd_only():
     _, training = ffn(x)
     assert float(inference.aux_loss) == 0.0 and float(inference.z_loss) == 0.0
     assert float(training.aux_loss) > 0.5 and float(training.z_loss) > 0.0
+
+
+def test_binary_agents_compute_with_binarized_banks_and_follow_lambda():
+    from quillan.bitnet import binary_quantize, set_lambda
+
+    ffn = _council(binary_agents=True)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    plain = _council()  # same seed: same weights, float agents
+    with torch.no_grad():
+        plain.micro_down.copy_(binary_quantize(ffn.micro_down))
+        plain.micro_up.copy_(binary_quantize(ffn.micro_up))
+        assert torch.allclose(ffn(x)[0], plain(x)[0], atol=1e-6)
+        assert torch.allclose(ffn(x)[0], ffn.forward_naive(x), atol=1e-5)
+    # Training at λ = 0 uses the float banks (and float experts): the float model's output.
+    set_lambda(ffn, 0.0)
+    assert ffn.lam == 0.0
+    float_model = _council()
+    set_lambda(float_model, 0.0)
+    ffn.train(), float_model.train()
+    assert torch.allclose(ffn(x)[0], float_model(x)[0], atol=1e-6)

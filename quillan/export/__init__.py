@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from quillan.bitnet import BitLinear
+from quillan.bitnet import BitLinear, binary_quantize
 from quillan.checkpoint import CheckpointError, file_sha256, read_json_file
 from quillan.config import QuillanConfig
 from quillan.export.layers import GroupedTernarySwiGLU, Int8Rows, TernaryLinear
@@ -157,6 +157,18 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _binarize_agent_banks(model: nn.Module, keep_flag: bool) -> None:
+    """Under quant.plan adaptive, store the micro-agent banks as their binary values (±scale per
+    row, exact in FP16 and in int8 rows). The model binarizes again after each gather, which
+    changes nothing; the fp16 variant (a plain float model) drops the flag instead."""
+    for m in model.modules():
+        if getattr(m, "binary_weights", False):
+            for bank in (m.micro_down, m.micro_up):
+                bank.copy_(binary_quantize(bank))
+            m.binary_weights = keep_flag
+
+
+@torch.no_grad()
 def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, dict[str, str]]:
     """The model with its modules swapped for the variant's (in place, eval mode), and its plan.
 
@@ -167,6 +179,7 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
     """
     model.eval()
     plan = variant_plan(model, variant, cfg)
+    _binarize_agent_banks(model, keep_flag=variant != "fp16")
     tequila = model.cfg.quant_method == "tequila"
     biases = {name: m.dead_zone_bias().detach() for name, m in model.named_modules()
               if tequila and name in plan and isinstance(m, BitLinear)}

@@ -210,3 +210,26 @@ def test_tequila_models_export_their_dead_zone_bias_in_every_variant(tmp_path):
                 assert torch.allclose(layer.bias, expected)
             if v == "fp16":
                 assert reloaded.cfg.linear_bias and reloaded.cfg.quant_method == "absmean"
+
+
+def test_adaptive_plan_exports_binary_agent_banks_in_every_variant(tmp_path):
+    torch.manual_seed(0)
+    base = Quillan(QuillanConfig.preset("smoke", vocab_size=384, quant_plan="adaptive")).eval()
+    with torch.no_grad():  # micro_up starts at zero; give the agents weights to binarize
+        for m in base.modules():
+            if getattr(m, "binary_weights", False):
+                m.micro_up.normal_(0, 0.02)
+    ids = torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = base(ids).logits
+        for v in VARIANTS:
+            model, plan = convert(copy.deepcopy(base), v, ExportConfig())
+            save(model, tmp_path / v, v, plan, {})
+            reloaded, _ = load(tmp_path / v)
+            out = reloaded(ids).logits
+            assert torch.allclose(out, model(ids).logits, atol=1e-5), v
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max(), v
+            if v in ("ternary", "fp16"):  # banks stored as float: each agent row holds two values
+                bank = reloaded.blocks[-1].ffn.micro_down
+                assert all(len(row.abs().unique()) == 1 for row in bank.reshape(-1, bank.shape[-1])), v
+            assert reloaded.blocks[-1].ffn.binary_weights == (v != "fp16"), v

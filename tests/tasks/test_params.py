@@ -90,10 +90,14 @@ def test_write_params_rejects_bad_values_without_touching_the_file(tmp_path):
 def test_quant_section_reaches_the_model_config_and_only_there():
     from tasks.params import PARAMS_FILE
 
-    p = load_params(PARAMS_FILE, overrides={"quant.method": "tequila", "quant.tequila_lambda": 0.01})
+    p = load_params(PARAMS_FILE, overrides={"quant.method": "tequila", "quant.tequila_lambda": 0.01,
+                                            "quant.plan": "adaptive"})
     cfg = p.quillan_config(vocab_size=500)
-    assert (cfg.quant_method, cfg.tequila_lambda, cfg.vocab_size) == ("tequila", 0.01, 500)
-    assert load_params(PARAMS_FILE).quillan_config(500).quant_method == "absmean"
+    assert (cfg.quant_method, cfg.tequila_lambda, cfg.quant_plan, cfg.vocab_size) == ("tequila", 0.01, "adaptive", 500)
+    default = load_params(PARAMS_FILE).quillan_config(500)
+    assert (default.quant_method, default.quant_plan) == ("absmean", "uniform")
+    with pytest.raises(ConfigError, match=r"quant.plan"):
+        load_params(PARAMS_FILE, overrides={"quant.plan": "binary"})
     with pytest.raises(ConfigError, match=r"quant.method"):
         load_params(PARAMS_FILE, overrides={"quant.method": "ternary"})
     with pytest.raises(ConfigError, match=r"unknown key 'model.quant_method'"):
