@@ -26,7 +26,7 @@ from quillan.checkpoint import load_model_dir, save_model_dir
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
 from quillan.train.config import TrainConfig
-from quillan.train.data import TokenizedRecords, tokens_seen
+from quillan.train.data import TokenizedRecords, step_sampler, tokens_seen
 from quillan.train.evaluate import evaluate_loss
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
@@ -223,7 +223,7 @@ def run(params: Params) -> dict:
         from quillan.bitnet import weight_sparsity, zero_exit_share
 
         ev = evaluate_loss(model, val_set)
-        n_tokens = tokens_seen(train_set, cfg.batch_size, cfg.max_steps, params.seed)
+        n_tokens = tokens_seen(train_set, step_sampler(train_set, cfg, params.seed), cfg.max_steps)
         metrics = {"steps": cfg.max_steps, "lambda_schedule": cfg.lambda_schedule,
                    "ternary": {"val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                "weight_sparsity": weight_sparsity(model),

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quillan.train.hybrid import HybridConfig
 from quillan.train.schedules import LambdaSchedule
 
 
@@ -18,6 +19,10 @@ class TrainConfig(BaseModel):
     lr_warmup_steps: int = Field(50, ge=0, description="linear LR warmup, steps")
     weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay on ≥2-D weights")
     betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: Literal["adamw", "hybrid"] = Field(
+        "adamw", description="adamw; or hybrid: cluster-balanced batches, AdamW with a learned LR multiplier and "
+                             "trust-region clip (seed note 003; quillan/train/hybrid.py), knobs under train.hybrid")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     lambda_schedule: LambdaSchedule = Field("linear", description="λ warmup shape (seed note 004)")
     warmup_frac: float = Field(0.4, ge=0, le=1, description="share of steps over which λ goes 0 → 1")

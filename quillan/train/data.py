@@ -99,8 +99,23 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.total - self.start)
 
 
-def tokens_seen(data: TokenizedRecords, batch_size: int, total_steps: int, seed: int) -> int:
-    """Real (unpadded) tokens in the batches of steps [0, total_steps), as training draws them."""
+def step_sampler(data: TokenizedRecords, cfg, seed: int, rank: int = 0, world_size: int = 1):
+    """The training batches for `cfg` (a TrainConfig): length-bucketed random batches
+    (StepBatchSampler), or, for `optimizer: hybrid`, cluster-balanced ones (k-means of the
+    examples' token histograms; quillan.train.hybrid). Both have `batch_indices(step)`."""
     lengths = [len(ids) for ids, _ in data.items]
-    sampler = StepBatchSampler(len(data), batch_size, total_steps, seed, lengths=lengths)
+    if cfg.optimizer != "hybrid":
+        return StepBatchSampler(len(data), cfg.batch_size, cfg.max_steps, seed, rank=rank, world_size=world_size,
+                                lengths=lengths)
+    from quillan.train.hybrid import ClusterBalancedSampler, kmeans, token_histograms
+
+    seqs = [ids for ids, _ in data.items]
+    hist = token_histograms(seqs, max(max(s) for s in seqs) + 1)
+    labels, _ = kmeans(hist, min(cfg.hybrid.clusters, len(data)), cfg.hybrid.kmeans_iters, seed)
+    return ClusterBalancedSampler(labels, cfg.batch_size, cfg.max_steps, seed, rank=rank, world_size=world_size)
+
+
+def tokens_seen(data: TokenizedRecords, sampler, total_steps: int) -> int:
+    """Real (unpadded) tokens in the batches of steps [0, total_steps) that `sampler` draws."""
+    lengths = [len(ids) for ids, _ in data.items]
     return sum(lengths[i] for step in range(total_steps) for i in sampler.batch_indices(step))

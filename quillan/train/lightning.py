@@ -18,7 +18,7 @@ from quillan.bitnet import set_lambda, weight_sparsity
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
 from quillan.train.config import TrainConfig
-from quillan.train.data import IGNORE, StepBatchSampler, TokenizedRecords, collate
+from quillan.train.data import IGNORE, TokenizedRecords, collate, step_sampler
 from quillan.train.schedules import lambda_at, lr_at
 
 
@@ -29,6 +29,19 @@ class NonFiniteError(RuntimeError):
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100; logits (B, T, V)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def worst_cluster(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> int:
+    """The cluster whose rows have the highest mean per-row cross-entropy; logits (B, T, V),
+    labels (B, T) with -100 for no loss, clusters (B,)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T)
+    per_row = ce.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
+    best, worst = -1.0, 0
+    for c in clusters.unique().tolist():
+        mean = float(per_row[clusters == c].mean())
+        if mean > best:
+            best, worst = mean, int(c)
+    return worst
 
 
 class QuillanDataModule(L.LightningDataModule):
@@ -45,18 +58,21 @@ class QuillanDataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set, self.cfg, self.seed = train, val, cfg, seed
 
-    def _sampler(self) -> StepBatchSampler:
+    def _sampler(self):
         if getattr(self, "_step_sampler", None) is None:
             t = self.trainer
-            self._step_sampler = StepBatchSampler(
-                len(self.train_set), self.cfg.batch_size, self.cfg.max_steps, self.seed,
-                rank=t.global_rank if t else 0, world_size=t.world_size if t else 1,
-                lengths=[len(ids) for ids, _ in self.train_set.items])
+            self._step_sampler = step_sampler(self.train_set, self.cfg, self.seed, rank=t.global_rank if t else 0,
+                                              world_size=t.world_size if t else 1)
         return self._step_sampler
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        rows = [self.train_set[i] for i in self._sampler().batch_indices(step)]
-        return collate(rows, self.train_set.pad_id)
+        """Collated batch of step `step`; with cluster-balanced batches also `cluster` (B,), each row's cluster."""
+        idx = self._sampler().batch_indices(step)
+        out = collate([self.train_set[i] for i in idx], self.train_set.pad_id)
+        labels = getattr(self._sampler(), "labels", None)
+        if labels is not None:
+            out["cluster"] = labels[idx]
+        return out
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer else 0
@@ -106,11 +122,16 @@ class QuillanLightning(L.LightningModule):
         loss = ce + c.aux_loss_weight * out.aux_loss + c.z_loss_weight * out.z_loss + c.diffusion_loss_weight * out.diffusion_loss
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.global_step}")
+        hybrid = self._hybrid_optimizer()
+        if hybrid is not None:
+            hybrid.worst_cluster = worst_cluster(out.logits.detach(), batch["labels"], batch["cluster"])
         n_tok = int(batch["attention_mask"].sum())
         now = time.perf_counter()
         log = {"train/loss": ce, "train/perplexity": torch.exp(ce.detach().clamp(max=30)),
                "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss, "train/diffusion_loss": out.diffusion_loss,
                "train/total_loss": loss, "lr": self.optimizers().param_groups[0]["lr"]}
+        if hybrid is not None and hybrid.last:  # the previous step's choices
+            log.update({f"hybrid/{k}": v for k, v in hybrid.last.items()})
         if self._t0 is not None:
             log["train/tokens_per_s"] = n_tok * self.trainer.world_size / max(now - self._t0, 1e-9)
         self._t0 = now
@@ -126,6 +147,13 @@ class QuillanLightning(L.LightningModule):
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=batch["input_ids"].shape[0])
         self.log("loss", ce, prog_bar=True, on_step=True, logger=False)
         return loss
+
+    def _hybrid_optimizer(self):
+        from quillan.train.hybrid import HybridTrustRegion
+
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        return opt if isinstance(opt, HybridTrustRegion) else None
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for name, p in self.named_parameters():
@@ -145,8 +173,13 @@ class QuillanLightning(L.LightningModule):
         c = self.cfg
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=c.betas)
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if c.optimizer == "hybrid":
+            from quillan.train.hybrid import HybridTrustRegion
+
+            opt = HybridTrustRegion(groups, c.hybrid, c.max_steps, self.seed, lr=c.lr, betas=c.betas)
+        else:
+            opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, LRMultiplier(c.max_steps, c.lr_warmup_steps, c.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

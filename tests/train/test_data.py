@@ -39,7 +39,8 @@ def test_ranks_split_the_global_batch():
 
 
 def test_tokens_seen_counts_the_drawn_batches():
-    from quillan.train.data import tokens_seen
+    from quillan.train.config import TrainConfig
+    from quillan.train.data import step_sampler, tokens_seen
 
     rows = generate_tasks(30, seed=0)
     tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
@@ -47,5 +48,6 @@ def test_tokens_seen_counts_the_drawn_batches():
     per_epoch = len(ds) // 8
     total = sum(len(ids) for ids, _ in ds.items)
     assert len(ds) == 120  # divisible by the batch: one epoch sees every row exactly once
-    assert tokens_seen(ds, 8, per_epoch, seed=0) == total
-    assert tokens_seen(ds, 8, 2 * per_epoch, seed=0) > tokens_seen(ds, 8, per_epoch, seed=0)
+    sampler = step_sampler(ds, TrainConfig(batch_size=8, max_steps=2 * per_epoch, lr_warmup_steps=0), seed=0)
+    assert tokens_seen(ds, sampler, per_epoch) == total
+    assert tokens_seen(ds, sampler, 2 * per_epoch) > tokens_seen(ds, sampler, per_epoch)

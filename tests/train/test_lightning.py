@@ -73,3 +73,14 @@ def test_non_finite_loss_stops_with_the_step(tiny):
 
     with pytest.raises(NonFiniteError, match="at step 3"):
         _fit(tiny, False, steps=10, callbacks=[Poison()])
+
+
+def test_hybrid_optimizer_trains_and_reports_its_choices(tiny):
+    from quillan.train.hybrid import HybridTrustRegion
+
+    module, losses = _fit(tiny, False, steps=30, optimizer="hybrid", hybrid={"clusters": 2})
+    opt = module.optimizers().optimizer
+    assert isinstance(opt, HybridTrustRegion) and opt.steps_done == 30
+    assert set(opt.last) == {"lr_multiplier", "radius", "update_norm", "clipped", "advantage"}
+    assert opt.last["update_norm"] <= opt.last["radius"] * (1 + 1e-6)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
