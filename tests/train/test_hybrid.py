@@ -137,7 +137,7 @@ def test_controller_learns_from_the_reward_it_is_given():
     assert mult > 1.5
 
 
-def test_hybrid_state_round_trips_for_an_exact_resume():
+def test_hybrid_state_round_trips_for_an_exact_resume(tmp_path):
     w, target = _problem()
 
     def run(opt, p, steps):
@@ -155,7 +155,8 @@ def test_hybrid_state_round_trips_for_an_exact_resume():
     w_half, _ = _problem()
     first = HybridTrustRegion([w_half], cfg, total_steps=20, seed=3, lr=0.1)
     run(first, w_half, 5)
-    state = first.state_dict()
+    torch.save(first.state_dict(), tmp_path / "opt.pt")  # Lightning resumes with weights_only=True
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
     resumed = HybridTrustRegion([w_half], cfg, total_steps=20, seed=3, lr=0.1)
     resumed.load_state_dict(state)
     run(resumed, w_half, 5)
