@@ -1,0 +1,86 @@
+"""`python -m bench.train_step`: training throughput (real tokens/s) of each research switch on
+the pipeline's own data and preset, measured in one quiet process. Writes bench/results/train_step.json.
+
+The DVC experiments report tokens/s over whole training runs, which share the machine with
+whatever else runs; this measures the switches one after another under the same conditions:
+`--steps` optimizer steps of the `train` stage's Lightning module at λ = 1 (the ternary regime
+of most of training), the first `--warmup` steps untimed. Tokens are the batches' real
+(unpadded) tokens, so a sampler that pads more (cluster-balanced batches) shows up as slower.
+Needs the generate stage's outputs (data/generated, data/tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from bench.common import write_result
+from tasks.common import ROOT, read_jsonl
+from tasks.params import load_params
+
+SWITCHES: dict[str, dict] = {
+    "default": {},
+    "quant.method=tequila": {"quant.method": "tequila"},
+    "model.per_channel=true": {"model.per_channel": True},
+    "quant.plan=adaptive": {"quant.plan": "adaptive"},
+    "train.optimizer=hybrid": {"train.optimizer": "hybrid"},
+}
+
+
+def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> dict:
+    """Train `steps` steps with the switch; real tokens/s and ms/step over the timed steps."""
+    import lightning as L
+
+    from quillan.train.data import TokenizedRecords
+    from quillan.train.lightning import QuillanDataModule, QuillanLightning
+
+    params = load_params(overrides=overrides)
+    tok = Tokenizer.from_file(str(ROOT / "data" / "tokenizer.json"))
+    model_cfg = params.quillan_config(tok.get_vocab_size())
+    data = TokenizedRecords(read_jsonl(ROOT / "data" / "generated" / "train.jsonl")[:rows], tok, model_cfg.max_seq_len)
+    cfg = params.train.model_copy(update={"max_steps": steps, "lr_warmup_steps": 0, "val_every": steps + 1})
+    module = QuillanLightning(model_cfg, cfg, params.seed)
+    dm = QuillanDataModule(data, data, cfg, params.seed)
+    times: list[float] = []
+    tokens = [0]
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step - 1
+            if step >= warmup:
+                times.append(time.perf_counter() - self.t0)
+                tokens[0] += sum(len(data.items[i][0]) for i in dm._sampler().batch_indices(step))
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
+                        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+                        gradient_clip_val=cfg.grad_clip, deterministic=True)
+    trainer.fit(module, datamodule=dm)
+    return {"tokens_per_s": round(tokens[0] / sum(times), 1), "ms_per_step": round(1000 * sum(times) / len(times), 1),
+            "timed_steps": len(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=4096, help="training rows to draw batches from")
+    args = ap.parse_args()
+    results = {}
+    for name, overrides in tqdm(SWITCHES.items(), desc="bench.train_step", unit="switch"):
+        results[name] = tokens_per_second(overrides, args.steps, args.warmup, args.rows)
+        print(f"{name:26s} {results[name]['tokens_per_s']:9.1f} tokens/s  {results[name]['ms_per_step']:7.1f} ms/step")
+    path = write_result("train_step", {"preset": load_params().preset, "steps": args.steps, "warmup": args.warmup,
+                                       "rows": args.rows, "results": results})
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
