@@ -24,11 +24,15 @@ CASES = {  # section of params.yaml → its bad content, and the one line that m
 
 
 def _break(root, section: str, content: str) -> None:
-    """Replace `section: {}` in the copy's params.yaml (every section stays: DVC reads them all)."""
+    """Replace section `section` of the copy's params.yaml (`{}` or an indented block) by `content`
+    (every section stays: DVC reads them all)."""
     params = root / "params.yaml"
-    text = params.read_text()
-    assert f"\n{section}: {{}}" in text
-    params.write_text(text.replace(f"\n{section}: {{}}", f"\n{section}: {content}", 1))
+    lines = params.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{section}:"))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("  "):
+        end += 1
+    params.write_text("\n".join(lines[:start] + [f"{section}: {content}"] + lines[end:]) + "\n")
 
 
 @pytest.mark.parametrize("change, message", CASES.values(), ids=CASES.keys())

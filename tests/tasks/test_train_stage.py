@@ -60,12 +60,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(generated_project):
 def test_two_process_cpu_ddp_through_dvc_repro(generated_project):
     root, env = generated_project
     subprocess.run(["rm", "-rf", str(root / "models" / "train")], check=True)
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace(
-        "train: {}", "train: {strategy: ddp, devices: 2, max_steps: 8, fp_reference: false}"))
+    from tasks.params import write_params
+
+    write_params(root / "params.yaml", overrides={"train.strategy": "ddp", "train.devices": 2, "train.max_steps": 8,
+                                                  "train.fp_reference": False})
     proc = run([sys.executable, "-m", "dvc", "repro", "train"], root, env)
     assert "Starting with 2 processes" in proc.stdout + proc.stderr  # Lightning DDP over gloo
     assert "Running stage 'train'" in proc.stdout
     assert (root / "models/train/model.safetensors").exists()
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]["train"]
-    assert locked == {"strategy": "ddp", "devices": 2, "max_steps": 8, "fp_reference": False}
+    assert locked == {"optimizer": "adamw", "strategy": "ddp", "devices": 2, "max_steps": 8, "fp_reference": False}
