@@ -69,6 +69,17 @@ def test_ternary_update_has_three_values_at_the_absmean_scale():
     assert torch.allclose(ternary_update(d), torch.tensor([1.0, 0.0, -1.0, 0.0]) * scale)
 
 
+def _steps(opt, p, target, n=1):
+    """n optimizer steps on the quadratic ‖p − target‖²."""
+    for _ in range(n):
+        def closure():
+            opt.zero_grad()
+            loss = ((p - target) ** 2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
 def _problem(seed=0):
     torch.manual_seed(seed)
     w = torch.nn.Parameter(torch.randn(20))
@@ -83,14 +94,7 @@ def test_hybrid_step_never_moves_parameters_further_than_the_radius(ternary):
     opt = HybridTrustRegion([w], cfg, total_steps=50, seed=0, lr=0.5)
     for _ in range(30):
         before = w.detach().clone()
-
-        def closure():
-            opt.zero_grad()
-            loss = ((w - target) ** 2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        _steps(opt, w, target)
         moved = float((w.detach() - before).norm())
         # The bound holds up to float32 rounding of θ + Δ (a few ulps of θ).
         assert moved <= opt.last["radius"] + 2 * torch.finfo(torch.float32).eps * float(before.norm())
@@ -139,25 +143,15 @@ def test_controller_learns_from_the_reward_it_is_given():
 
 def test_hybrid_state_round_trips_for_an_exact_resume(tmp_path):
     w, target = _problem()
-
-    def run(opt, p, steps):
-        for _ in range(steps):
-            def closure():
-                opt.zero_grad()
-                loss = ((p - target) ** 2).sum()
-                loss.backward()
-                return loss
-            opt.step(closure)
-
     cfg = HybridConfig(radius=0.01)
     full = HybridTrustRegion([w], cfg, total_steps=20, seed=3, lr=0.1)
-    run(full, w, 10)
+    _steps(full, w, target, 10)
     w_half, _ = _problem()
     first = HybridTrustRegion([w_half], cfg, total_steps=20, seed=3, lr=0.1)
-    run(first, w_half, 5)
+    _steps(first, w_half, target, 5)
     torch.save(first.state_dict(), tmp_path / "opt.pt")  # Lightning resumes with weights_only=True
     state = torch.load(tmp_path / "opt.pt", weights_only=True)
     resumed = HybridTrustRegion([w_half], cfg, total_steps=20, seed=3, lr=0.1)
     resumed.load_state_dict(state)
-    run(resumed, w_half, 5)
+    _steps(resumed, w_half, target, 5)
     assert torch.equal(w, w_half)
