@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from quillan.bitnet import QUANT_METHODS, QUANT_PLANS
+
 
 @dataclass
 class QuillanConfig:
@@ -76,10 +78,10 @@ class QuillanConfig:
              f"model.micro_top_k ({self.micro_top_k}) must be <= model.n_micro ({self.n_micro})")
         need(self.early_exit_threshold > 0, f"model.early_exit_threshold must be > 0, got {self.early_exit_threshold}")
         need(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        need(self.quant_method in ("absmean", "tequila"),
-             f"quant.method must be absmean or tequila, got {self.quant_method!r}")
-        need(self.quant_plan in ("uniform", "adaptive"),
-             f"quant.plan must be uniform or adaptive, got {self.quant_plan!r}")
+        need(self.quant_method in QUANT_METHODS,
+             f"quant.method must be one of {', '.join(QUANT_METHODS)}, got {self.quant_method!r}")
+        need(self.quant_plan in QUANT_PLANS,
+             f"quant.plan must be one of {', '.join(QUANT_PLANS)}, got {self.quant_plan!r}")
         need(self.tequila_lambda >= 0, f"quant.tequila_lambda must be >= 0, got {self.tequila_lambda}")
 
     @property
