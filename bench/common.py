@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from quillan.machine import cpu_info
+
 from tasks.common import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,13 +33,7 @@ def median_seconds(fn: Callable[[], object], min_reps: int = 5, max_reps: int = 
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {**cpu_info(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

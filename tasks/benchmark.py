@@ -21,6 +21,7 @@ from quillan.checkpoint import load_model_dir
 from quillan.export import load as load_export
 from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
 from quillan.inference import accuracy_by_domain
+from quillan.machine import cpu_info
 from quillan.train.data import TokenizedRecords
 from quillan.train.evaluate import evaluate_loss
 from tasks.common import PLOTS_DIR, REPORTS_DIR, ROOT, read_jsonl, write_metrics, write_text
@@ -121,8 +122,13 @@ def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, To
     return row
 
 
-def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | None, threads: int) -> str:
-    lines = [f"## Benchmark ({threads} threads)", "",
+def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | None, threads: int,
+             machine: dict | None = None) -> str:
+    where = ""
+    if machine:
+        isa = ", ".join(f for f, on in machine["isa"].items() if on) or "no listed ISA extensions"
+        where = f" on {machine['cpu']} ({isa})"
+    lines = [f"## Benchmark ({threads} threads{where})", "",
              "| variant | accuracy | val ppl | test ppl | size | bits/weight | peak RSS | prefill tok/s | decode tok/s | gate |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for v, r in rows.items():
@@ -188,7 +194,11 @@ def run(params: Params) -> dict:
         recs = stratified_sample(recs, cfg.ppl_size, params.seed) if cfg.ppl_size else recs
         ppl_sets[split] = TokenizedRecords(recs, tokenizer, base_model.cfg.max_seq_len)
     threads = torch.get_num_threads()
-    with stage_run("benchmark", {"benchmark": cfg.model_dump(), "threads": threads}, INPUTS) as tracker:
+    # Speeds differ between CPUs of one machine type (bitsandbytes' INT4 kernel needs AVX512-BF16,
+    # torch._int_mm AVX512-VNNI): the CPU and its ISA flags travel with the numbers.
+    machine = cpu_info()
+    with stage_run("benchmark", {"benchmark": cfg.model_dump(), "threads": threads, "cpu": machine["cpu"],
+                                 **{f"isa.{k}": v for k, v in machine["isa"].items()}}, INPUTS) as tracker:
         # Memory probes first and apart from the timed loops, so they never compete for the cores.
         rss = peak_rss_all(paths)
         rows = {name: measure(name, path, cfg, test, ppl_sets, rss[name]) for name, path in paths.items()}
@@ -197,6 +207,7 @@ def run(params: Params) -> dict:
         passing = [v for v in rows if v not in ("unquantized", "reference") and v not in failed]
         champion = pick_champion(rows, passing, cfg.primary_metric)
         metrics = {"variants": rows, "champion": champion, "gate_failed": failed, "threads": threads,
+                   "machine": machine,
                    "eval_records": len(test)}
         for v, drop in failed.items():
             print(f"benchmark: gate FAILED for {v}: accuracy {rows[v]['accuracy']:.4f} is {drop * 100:.1f} points below "
@@ -205,7 +216,7 @@ def run(params: Params) -> dict:
             metrics["registered"] = register(tracker, champion, paths[champion], rows[champion][cfg.primary_metric],
                                              cfg.primary_metric)
         path = write_metrics("benchmark", metrics)
-        md = markdown(rows, failed, champion, threads)
+        md = markdown(rows, failed, champion, threads, machine)
         write_text(REPORT, md)
         for p in _plots(rows):
             tracker.log_artifact(p, "plots")

@@ -24,6 +24,8 @@ from torch import nn
 from quillan.bitnet import BitLinear, binary_quantize
 from quillan.checkpoint import CheckpointError, file_sha256, read_json_file
 from quillan.config import QuillanConfig
+from quillan.export.bnb_layers import (Int4Linear, bitsandbytes, int8_dequantized, int8_from_export, int8_linear,
+                                      int8_tensors, with_bias)
 from quillan.export.layers import GroupedTernarySwiGLU, Int8Rows, TernaryLinear
 from quillan.model import Quillan, rope_tables
 from quillan.moe import CouncilFFN
@@ -89,44 +91,10 @@ KERNELS = {
                "where the kernel cannot be built",
     "int8": "bitsandbytes Linear8bitLt (LLM.int8, CPU backend int8_scaled_mm); micro-agent banks: "
             "PyTorch int8 rows with per-row scales (bitsandbytes has no module for parameter banks)",
-    "int4": "bitsandbytes Linear4bit (blockwise NF4/FP4, CPU backend dequantize + matmul)",
+    "int4": "bitsandbytes Linear4bit (blockwise NF4/FP4) on a weight zero-padded to 32 rows and 64-weight "
+            "blocks; CPU backend: dequantize + float32 matmul, or with AVX512-BF16 a repacked BF16 kernel",
     "fp16": "torch float32 matmul on weights stored in FP16",
 }
-
-
-def _bnb():
-    import logging
-
-    import bitsandbytes as bnb  # ~6 s import: only int8/int4 exports pay for it
-
-    # Every LLM.int8 call on float32 input logs that it casts to FP16; that is the method.
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    return bnb
-
-
-def _with_bias(lin: nn.Module, bias: torch.Tensor | None) -> nn.Module:
-    """`lin` with a float bias parameter (tequila's dead-zone bias), or unchanged without one."""
-    if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-    return lin
-
-
-def _int8_linear(weight: torch.Tensor, threshold: float, bias: torch.Tensor | None = None) -> nn.Module:
-    bnb = _bnb()
-    lin = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
-                              threshold=threshold)
-    lin.weight = bnb.nn.Int8Params(weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False)
-    return _with_bias(lin.to("cpu"), bias)  # .to quantizes (LLM.int8 row-wise absmax)
-
-
-def _int4_linear(weight: torch.Tensor, quant_type: str, bias: torch.Tensor | None = None) -> nn.Module:
-    bnb = _bnb()
-    # No double quantization: its second-level tables cost ~1 KiB per layer, more than it saves here.
-    lin = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.float32,
-                            compress_statistics=False, quant_type=quant_type)
-    lin.weight = bnb.nn.Params4bit(weight.detach().float(), requires_grad=False, compress_statistics=False,
-                                   quant_type=quant_type, module=lin)
-    return _with_bias(lin.to("cpu"), bias)  # .to quantizes (blockwise NF4/FP4)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -146,13 +114,10 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
         return q * (m.scale.view(-1, 1) if m.scale.dim() else m.scale)
     if isinstance(m, Int8Rows):
         return m.dequantized()
+    if isinstance(m, Int4Linear):
+        return m.dequantized()
     if "bitsandbytes" in type(m).__module__:
-        bnb = _bnb()
-        if isinstance(m, bnb.nn.Linear4bit):
-            return bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
-        cb = m.weight.data if m.weight.data.dtype == torch.int8 else m.state.CB
-        scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
-        return cb.float() * scb.float().view(-1, 1) / 127.0
+        return int8_dequantized(m)
     return m.weight.detach().float()
 
 
@@ -207,11 +172,11 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
         if precision == "ternary":
             new = TernaryLinear.from_float(m.weight, m.per_channel, m.act_quant, bias)
         elif precision == "int8":
-            new = _int8_linear(w, cfg.int8_threshold, bias)
+            new = int8_linear(w, cfg.int8_threshold, bias)
         elif precision == "int4":
-            new = _int4_linear(w, cfg.int4_type, bias)
+            new = Int4Linear.from_float(w, cfg.int4_type, bias)
         else:
-            new = _with_bias(nn.Linear(w.shape[1], w.shape[0], bias=False), bias)
+            new = with_bias(nn.Linear(w.shape[1], w.shape[0], bias=False), bias)
             new.weight.copy_(w.half().float())
         _set_module(model, name, new)
     for p in model.parameters():  # what stays float is stored in FP16: hold the same values
@@ -241,23 +206,17 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
         return m.export_tensors()
     if isinstance(m, Int8Rows):
         return {"q": m.q, "scale": m.scale}
-    bnb = _bnb()
-    if isinstance(m, bnb.nn.Linear8bitLt):
-        scb = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
-        cb = m.weight.data if m.weight.data.dtype == torch.int8 else m.state.CB
-        return {"weight": cb, "SCB": scb, **({"bias": m.bias.detach()} if m.bias is not None else {})}
-    if isinstance(m, bnb.nn.Linear4bit):
-        sd: dict[str, torch.Tensor] = {}
-        m._save_to_state_dict(sd, "", keep_vars=False)
-        return sd
+    if isinstance(m, Int4Linear):
+        return m.export_tensors()
+    if isinstance(m, bitsandbytes().nn.Linear8bitLt):
+        return int8_tensors(m)
     raise TypeError(f"not a quantized module: {type(m).__name__}")
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows)
+    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows, Int4Linear)
     if any("bitsandbytes" in type(m).__module__ for m in model.modules()):
-        bnb = _bnb()
-        kinds += (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+        kinds += (bitsandbytes().nn.Linear8bitLt,)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
@@ -285,12 +244,16 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
     # One metadata key only: safetensors writes the header's metadata from a hash map, so with two
     # keys their order (and the file's bytes) changed from one process to the next.
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "quillan-export"})
-    shapes = {}
+    shapes, stored = {}, {}
     for name in plan:
         m = model.get_submodule(name)
         shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
+        if isinstance(m, Int4Linear) and (m.inner.out_features, m.inner.in_features) != tuple(shapes[name]):
+            stored[name] = [m.inner.out_features, m.inner.in_features]
     meta = {"format": "quillan-export", "variant": variant, "config": model.cfg.to_dict(), "modules": plan,
             "shapes": shapes, "weights_sha256": file_sha256(directory / WEIGHTS), **extra}
+    if stored:  # INT4 layers stored zero-padded for bitsandbytes' CPU kernels (bnb_layers.int4_padded_shape)
+        meta["int4_padded_shapes"] = stored
     (directory / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
@@ -327,26 +290,13 @@ def _rebuild(precision: str, t: dict[str, torch.Tensor], shape: list[int], cfg: 
         return TernaryLinear.from_export(t["packed"], t["scale"], (out_f, in_f), act_quant=cfg.act_quant,
                                          bias=None if bias is None else bias.float())
     if precision == "int8":
-        if t["weight"].shape != (out_f, in_f) or t["weight"].dtype != torch.int8:
-            raise ValueError(f"weight is {t['weight'].dtype} {tuple(t['weight'].shape)}, metadata says int8 {(out_f, in_f)}")
-        bnb = _bnb()
-        lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False)
-        w = bnb.nn.Int8Params(t["weight"], requires_grad=False, has_fp16_weights=False)
-        w.CB, w.SCB = t["weight"], t["SCB"].float()
-        lin.weight = w
-        return _with_bias(lin, bias)
+        return int8_from_export(t, out_f, in_f)
     if precision == "int4":
-        bnb = _bnb()
-        stats = {k[len("weight."):]: v for k, v in t.items() if k.startswith("weight.")}
-        lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.float32)
-        lin.weight = bnb.nn.Params4bit.from_prequantized(t["weight"], stats, device="cpu", module=lin)
-        if tuple(lin.weight.quant_state.shape) != (out_f, in_f):
-            raise ValueError(f"quant state shape {tuple(lin.weight.quant_state.shape)}, metadata says {(out_f, in_f)}")
-        return _with_bias(lin, bias)
+        return Int4Linear.from_export(t, out_f, in_f)
     if precision == "fp16":
         lin = nn.Linear(in_f, out_f, bias=False)
         lin.weight.data = t["weight"].float()
-        return _with_bias(lin, bias)
+        return with_bias(lin, bias)
     raise ValueError(f"unknown precision {precision!r}")
 
 

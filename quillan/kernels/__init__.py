@@ -1,7 +1,8 @@
 """Native W1.58A8 kernels for packed ternary weights (`ternary.cpp`), loaded with ctypes.
 
 The shared library is compiled from `ternary.cpp` with the system C++ compiler (`-O3
--march=native -fopenmp`) by `make install` (`python -m quillan.kernels`), or on first use, into
+-march=native -fopenmp`; `QUILLAN_KERNEL_ARCH` sets another `-march`, e.g. `x86-64` for the
+portable scalar path without AVX2) by `make install` (`python -m quillan.kernels`), or on first use, into
 a cache keyed by the source, the flags and this CPU's feature flags
 (`$QUILLAN_KERNEL_CACHE`, default `~/.cache/quillan/kernels`). Where it cannot be built, `library()`
 returns None after one warning and callers use PyTorch's int8 path.
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from quillan.machine import cpu_flags
+
 SOURCE = Path(__file__).with_name("ternary.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
 
 _lib: ctypes.CDLL | None = None
@@ -37,19 +40,14 @@ class KernelBuildError(RuntimeError):
     """The C++ compiler is missing or failed; the message has its output."""
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+def compiler_flags() -> list[str]:
+    """The C++ flags: FLAGS and `-march=$QUILLAN_KERNEL_ARCH` (default `native`)."""
+    return [*FLAGS, f"-march={os.environ.get('QUILLAN_KERNEL_ARCH') or 'native'}"]
 
 
 def library_path() -> Path:
     """Where the library for this source, these flags and this CPU lives (built or not)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(compiler_flags()).encode() + " ".join(sorted(cpu_flags())).encode()
                          + platform.machine().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QUILLAN_KERNEL_CACHE", Path.home() / ".cache" / "quillan" / "kernels"))
     return cache / f"libquillan_ternary-{key}.so"
@@ -67,7 +65,7 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *compiler_flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise KernelBuildError(f"{cxx} failed on {SOURCE}:\n{proc.stderr[-2000:]}")
         os.replace(tmp, target)

@@ -1,5 +1,7 @@
 """An unreachable MLflow server fails a run in seconds, before any compute, naming the URI."""
 
+import errno
+import os
 import socket
 import sys
 import time
@@ -23,6 +25,6 @@ def test_unreachable_tracking_server_fails_fast(project):
         proc = run(cmd, root, env, check=False)
         assert time.monotonic() - start < 60  # MLflow's own retries would take minutes
         assert proc.returncode == 1
-        assert f"{prefix}MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: [Errno 111] " \
-               "Connection refused" in proc.stderr.splitlines()
+        assert f"{prefix}MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: " \
+               f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}" in proc.stderr.splitlines()
     assert not (root / "models").exists() and not (root / "dvc.lock").exists()

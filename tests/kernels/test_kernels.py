@@ -74,6 +74,37 @@ def test_extreme_activations_do_not_overflow_int16():
     assert torch.equal(y, torch.tensor([[127 * k * s, -127 * k * s], [-127 * k * s, 127 * k * s]]))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the scalar build is checked on x86-64 (-march=x86-64 has no AVX2)")
+def test_scalar_kernel_without_avx2_is_the_exact_integer_product(tmp_path):
+    """ternary.cpp's non-AVX2 branch, built with `-march=x86-64` in a fresh process: the same exact
+    integer product, plain and grouped, as on a CPU without AVX2."""
+    code = ("import torch\n"
+            "from quillan import kernels\n"
+            "from quillan.bitnet import EPS, activation_quantize, ternary_quantize\n"
+            "lib = kernels.library()\n"
+            "assert lib is not None and lib.qk_has_avx2() == 0, kernels.unavailable_reason()\n"
+            "for m, k, n in [(1, 128, 64), (5, 1000, 33), (33, 130, 70)]:\n"
+            "    torch.manual_seed(m + k + n)\n"
+            "    w, x = torch.randn(n, k), torch.randn(m, k) * 5\n"
+            "    for per_channel in (False, True):\n"
+            "        q, scale = ternary_quantize(w, per_channel)\n"
+            "        xq, xs = activation_quantize(x)\n"
+            "        exact = (xq.long() @ q.long().t()).float() * xs * (scale.view(1, -1) if per_channel else scale)\n"
+            "        packed = kernels.pack_i2(q)\n"
+            "        assert torch.equal(kernels.ternary_linear(x, packed, k, scale.float(), EPS), exact)\n"
+            "        rows = scale.reshape(-1).expand(n).reshape(1, n)\n"
+            "        y = kernels.grouped_ternary_linear(x, packed[None], k, rows, torch.tensor([m]), EPS)\n"
+            "        assert torch.equal(y, exact)\n"
+            "print('ok')\n")
+    env = {**os.environ, "QUILLAN_KERNEL_ARCH": "x86-64", "QUILLAN_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("QUILLAN_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "native ternary kernels unavailable" in proc.stderr and "no C++ compiler" in proc.stderr:
+        pytest.skip("no C++ compiler")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
     code = ("import warnings, torch\n"
             "from quillan.export.layers import TernaryLinear\n"

@@ -1,0 +1,42 @@
+"""What a number was measured on: the CPU model and the instruction-set flags that change which
+code paths libraries take (bitsandbytes' INT4 CPU kernel needs AVX512-BF16, oneDNN's int8 GEMM
+behind `torch._int_mm` uses AVX512-VNNI or AMX, the native ternary kernel AVX2)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+# The flags recorded beside every speed measurement (names as in /proc/cpuinfo).
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('model name' in /proc/cpuinfo), else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict[str, Any]:
+    """{"cpu": model name, "cores": logical CPUs, "isa": {flag: present} for ISA_FLAGS}."""
+    flags = cpu_flags()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS}}
