@@ -110,8 +110,7 @@ def cmd_validate(args) -> int:
     if args.mlflow:
         from tasks.tracking import stage_run
 
-        with stage_run(args.run_name or f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]},
-                       [str(p) for p in paths]) as tracker:
+        with stage_run(args.run_name or f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]}) as tracker:
             tracker.log_metrics({"gate": {"success": int(result.success), "rows": result.rows,
                                           "failed_expectations": len(result.failures)}})
             if args.report:

@@ -1,6 +1,6 @@
 """Pipeline stages: `tasks/<stage>.py` turns params into `quillan` library calls and files.
 
-Every stage module exposes `run(params) -> metrics` and `INPUTS` (paths logged with their hashes).
+Every stage module exposes `run(params) -> metrics`; its inputs are its `deps` in dvc.yaml.
 """
 
 from __future__ import annotations

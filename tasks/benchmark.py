@@ -33,7 +33,6 @@ UNQUANTIZED = ROOT / "models" / "grpo"
 REFERENCE = ROOT / "models" / "train" / "reference"
 DATA = ROOT / "data" / "generated"
 REPORT = REPORTS_DIR / "benchmark.md"
-INPUTS = ["models/export", "models/grpo", "data/generated/test.jsonl", "data/generated/val.jsonl", "tasks/benchmark.py"]
 MODEL_NAME = "quillan"
 
 
@@ -198,7 +197,7 @@ def run(params: Params) -> dict:
     # torch._int_mm AVX512-VNNI): the CPU and its ISA flags travel with the numbers.
     machine = cpu_info()
     with stage_run("benchmark", {"benchmark": cfg.model_dump(), "threads": threads, "cpu": machine["cpu"],
-                                 **{f"isa.{k}": v for k, v in machine["isa"].items()}}, INPUTS) as tracker:
+                                 **{f"isa.{k}": v for k, v in machine["isa"].items()}}) as tracker:
         # Memory probes first and apart from the timed loops, so they never compete for the cores.
         rss = peak_rss_all(paths)
         rows = {name: measure(name, path, cfg, test, ppl_sets, rss[name]) for name, path in paths.items()}

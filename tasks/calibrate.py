@@ -19,7 +19,6 @@ from tasks.params import Params
 from tasks.tracking import stage_run
 
 OUTPUT = ROOT / "models" / "calibration.json"
-INPUTS = ["data/generated/train.jsonl", "data/tokenizer.json", "quillan/calibrate.py", "tasks/calibrate.py"]
 
 
 def initial_model(params: Params, tokenizer: Tokenizer, checkpoint: str | None) -> Quillan:
@@ -35,8 +34,8 @@ def run(params: Params) -> dict:
     cfg = params.calibrate
     tokenizer = Tokenizer.from_file(str(ROOT / "data" / "tokenizer.json"))
     records = read_jsonl(ROOT / "data" / "generated" / "train.jsonl")
-    with stage_run("calibrate", {"seed": params.seed, "calibrate": cfg.model_dump(), "model": params.model.model_dump()},
-                   INPUTS) as tracker:
+    with stage_run("calibrate", {"seed": params.seed, "calibrate": cfg.model_dump(),
+                                 "model": params.model.model_dump()}) as tracker:
         model = initial_model(params, tokenizer, cfg.checkpoint or params.train.init_checkpoint)
         sample = stratified_sample(records, cfg.sample_size, params.seed)
         data = TokenizedRecords(sample, tokenizer, model.cfg.max_seq_len)

@@ -27,7 +27,6 @@ from tasks.tracking import stage_run
 SOURCE = ROOT / "models" / "grpo"
 CALIBRATION = ROOT / "models" / "calibration.json"
 OUT_DIR = ROOT / "models" / "export"
-INPUTS = ["models/grpo", "models/calibration.json", "quillan/export", "tasks/export.py"]
 
 
 def check_plan(model: Quillan, calibration: Path) -> None:
@@ -103,7 +102,7 @@ def run(params: Params) -> dict:
     val = read_jsonl(ROOT / "data" / "generated" / "val.jsonl")
     n_params = source.num_parameters()
     summary: dict[str, dict] = {}
-    with stage_run("export", {"export": cfg.model_dump()}, INPUTS) as tracker, atomic_path(OUT_DIR) as tmp:
+    with stage_run("export", {"export": cfg.model_dump()}) as tracker, atomic_path(OUT_DIR) as tmp:
         tmp.mkdir()
         for variant in cfg.variants:
             model, plan = convert(copy.deepcopy(source), variant, cfg)

@@ -17,7 +17,6 @@ from tasks.tracking import stage_run
 
 DATA_DIR = ROOT / "data" / "generated"
 TOKENIZER = ROOT / "data" / "tokenizer.json"
-INPUTS = ["params.yaml", "quillan/data", "tasks/generate.py"]
 
 
 def summarize(splits: dict[str, list[dict]], report: dict) -> dict:
@@ -40,8 +39,7 @@ def run(params: Params) -> dict:
         from tasks.selfgen import completer_from_checkpoint
 
         complete = completer_from_checkpoint(Path(cfg.self_generate.checkpoint), cfg.self_generate, params.seed)
-    with stage_run("generate", {"seed": params.seed, "preset": params.preset, "data": cfg.model_dump()},
-                   INPUTS) as tracker:
+    with stage_run("generate", {"seed": params.seed, "preset": params.preset, "data": cfg.model_dump()}) as tracker:
         ds = build_dataset(cfg, params.seed, complete)
         with atomic_path(DATA_DIR) as tmp:
             tmp.mkdir()

@@ -31,7 +31,6 @@ IN_DIR = ROOT / "models" / "train"
 OUT_DIR = ROOT / "models" / "grpo"
 CKPT_DIR = OUT_DIR / "checkpoints"
 DATA = ROOT / "data" / "generated"
-INPUTS = ["data/generated/train.jsonl", "data/generated/test.jsonl", "models/train", "quillan/rl", "tasks/grpo.py"]
 CURVE_KEYS = ("reward_mean", "reward_std", "accuracy", "council_entropy", "completion_length", "kl",
               "clip_low", "clip_high", "zero_variance_share")
 
@@ -118,7 +117,7 @@ def run(params: Params) -> dict:
         raise ValueError(f"{DATA / 'test.jsonl'}: empty split")
     eval_set = stratified_sample(test, cfg.eval_size, params.seed) if cfg.eval_size else test
     history: list[dict] = []
-    with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}, INPUTS) as tracker:
+    with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}) as tracker:
         before = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "before")
         t0 = time.perf_counter()
         if cfg.enabled and cfg.steps > 0:

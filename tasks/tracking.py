@@ -93,6 +93,13 @@ def file_md5(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
+def stage_deps(stage: str) -> list[str]:
+    """The `deps` of `stage` in dvc.yaml (what DVC re-runs it for, and what its MLflow run is
+    tagged with); [] for a name dvc.yaml does not have."""
+    stages = (yaml.safe_load((ROOT / "dvc.yaml").read_text()) or {}).get("stages", {})
+    return [str(d) for d in (stages.get(stage) or {}).get("deps", [])]
+
+
 def dvc_hashes(paths: list[str]) -> dict[str, str]:
     """DVC's md5 of each input: files hashed here (DVC 3 hashes file bytes), directories
     taken from dvc.lock (their `.dir` hash); missing paths are skipped."""
@@ -143,12 +150,13 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any], inputs: list[str]) -> Iterator[StageRun]:
-    """An MLflow run for one stage with its params, git commit and input hashes logged."""
+def stage_run(stage: str, params: dict[str, Any]) -> Iterator[StageRun]:
+    """An MLflow run for one stage (a dvc.yaml stage name) with its params, git commit and the
+    hashes of its dvc.yaml deps (`dvc.md5.<path>` tags) logged."""
     mlflow = _mlflow()
     parent = os.environ.get(PARENT_ENV)
     tags = {"quillan.stage": stage, "mlflow.source.git.commit": git_commit()}
-    for rel, md5 in dvc_hashes(inputs).items():
+    for rel, md5 in dvc_hashes(stage_deps(stage)).items():
         tags[f"dvc.md5.{rel}"] = md5
     with mlflow.start_run(experiment_id=experiment_id(), run_name=stage, parent_run_id=parent,
                           nested=parent is not None, tags=tags) as run:

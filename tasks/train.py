@@ -36,8 +36,6 @@ OUT_DIR = ROOT / "models" / "train"
 CKPT_DIR = OUT_DIR / "checkpoints"
 DATA = ROOT / "data" / "generated"
 TOKENIZER = ROOT / "data" / "tokenizer.json"
-INPUTS = ["data/generated/train.jsonl", "data/generated/val.jsonl", "data/tokenizer.json",
-          "models/calibration.json", "quillan/train/lightning.py", "tasks/train.py"]
 
 
 class TrainingFailed(RuntimeError):
@@ -206,8 +204,8 @@ def run(params: Params) -> dict:
     val_set = TokenizedRecords(read_jsonl(DATA / "val.jsonl"), tokenizer, model_cfg.max_seq_len)
     _prepare_checkpoints(fingerprint(params))
     is_zero = _rank() == 0
-    ctx = stage_run("train", {"seed": params.seed, "train": cfg.model_dump(), "model": model_cfg.to_dict()},
-                    INPUTS) if is_zero else contextlib.nullcontext(None)
+    ctx = (stage_run("train", {"seed": params.seed, "train": cfg.model_dump(), "model": model_cfg.to_dict()})
+           if is_zero else contextlib.nullcontext(None))
     with ctx as tracker:
         run_id = tracker.run_id if tracker else None
         t0 = time.perf_counter()

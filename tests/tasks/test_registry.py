@@ -35,11 +35,11 @@ def test_register_aliases_and_fresh_process_predict(export_dir, tmp_path, monkey
     from tasks.benchmark import register
     from tasks.tracking import stage_run
 
-    with stage_run("benchmark", {}, []) as tracker:
+    with stage_run("benchmark", {}) as tracker:
         assert register(tracker, "ternary", export_dir, 0.5, "accuracy") == "quillan v1 @champion"
-    with stage_run("benchmark", {}, []) as tracker:  # worse on the primary metric: challenger
+    with stage_run("benchmark", {}) as tracker:  # worse on the primary metric: challenger
         assert register(tracker, "ternary", export_dir, 0.4, "accuracy") == "quillan v2 @challenger"
-    with stage_run("benchmark", {}, []) as tracker:
+    with stage_run("benchmark", {}) as tracker:
         assert register(tracker, "ternary", export_dir, 0.6, "accuracy") == "quillan v3 @champion"
     code = ("import mlflow; m = mlflow.pyfunc.load_model('models:/quillan@champion'); "
             "out = m.predict(['12+30=']); print(repr(out))")
