@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -16,19 +14,6 @@ from quillan.machine import cpu_info
 from tasks.common import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn: Callable[[], object], min_reps: int = 5, max_reps: int = 50, budget_s: float = 1.0) -> float:
-    """Median wall time of `fn()` after one warm-up call: at least `min_reps` runs, more (up to
-    `max_reps`) while the total stays under `budget_s`."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def machine() -> dict[str, Any]:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.common import median_seconds, write_result
+from bench.common import write_result
 from quillan.bitnet import BitLinear
 from quillan.export.layers import TernaryLinear, default_path
+from quillan.export.measure import median_seconds
 
 SIZES, ROWS = (1024, 2048, 4096), (1, 8, 64, 256)
 INT_MM_MAX = 2048
@@ -36,12 +37,12 @@ def measure(k: int, rows: tuple[int, ...], paths: tuple[str, ...]) -> list[dict]
         x = torch.randn(m, k)
         xb = x.bfloat16()
         row = {"K": k, "N": k, "M": m,
-               "fp32_ms": 1e3 * median_seconds(lambda: fp32(x)),
-               "bf16_ms": 1e3 * median_seconds(lambda: bf16(xb))}
+               "fp32_ms": 1e3 * median_seconds(lambda: fp32(x), max_reps=50, budget_s=1.0),
+               "bf16_ms": 1e3 * median_seconds(lambda: bf16(xb), max_reps=50, budget_s=1.0)}
         for path in paths:
             if path == "int_mm" and k > INT_MM_MAX:
                 continue
-            row[f"ternary_{path}_ms"] = 1e3 * median_seconds(lambda: tl(x, path=path), min_reps=3, budget_s=1.0)
+            row[f"ternary_{path}_ms"] = 1e3 * median_seconds(lambda: tl(x, path=path), min_reps=3, max_reps=50, budget_s=1.0)
             assert torch.equal(tl(x, path=path), tl(x, path="float")), f"{path} differs at M={m}, K={k}"
         best = min((p for p in paths if f"ternary_{p}_ms" in row), key=lambda p: row[f"ternary_{p}_ms"])
         row["fastest_path"] = best

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.common import median_seconds, write_result
+from bench.common import write_result
 from quillan.bitnet import BitLinear
 from quillan.export import attach_grouped_experts
 from quillan.export.layers import TernaryLinear
 from quillan.moe import CouncilFFN, SwiGLU
+from quillan.export.measure import median_seconds
 
 
 def as_inference(module: nn.Module, form: str) -> nn.Module:
@@ -48,8 +49,8 @@ def measure(experts: int, dim: int, hidden: int, tokens: int, top_k: int, form: 
     council = as_inference(CouncilFFN(dim, 1, 1, experts, top_k, hidden), form)
     dense = as_inference(SwiGLU(dim, top_k * hidden), form)
     x = torch.randn(1, tokens, dim)
-    council_ms = 1e3 * median_seconds(lambda: council(x))
-    dense_ms = 1e3 * median_seconds(lambda: dense(x))
+    council_ms = 1e3 * median_seconds(lambda: council(x), max_reps=50, budget_s=1.0)
+    dense_ms = 1e3 * median_seconds(lambda: dense(x), max_reps=50, budget_s=1.0)
     calls = council.expert_calls
     council(x)
     active = sum(p.numel() for p in dense.parameters()) + sum(b.numel() for b in dense.buffers())

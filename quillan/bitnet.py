@@ -10,15 +10,19 @@ agents): Rastegari et al., "XNOR-Net" (arXiv:1603.05279), §3.1, eq. 2-4.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5
-QUANT_METHODS = ("absmean", "tequila")
+QuantMethod = Literal["absmean", "tequila"]
+QUANT_METHODS = get_args(QuantMethod)
 # uniform: every BitLinear ternary, routers and micro-agent banks full precision.
 # adaptive (seed note 001): micro agents binary, experts (and the rest) ternary, routers full precision.
-QUANT_PLANS = ("uniform", "adaptive")
+QuantPlan = Literal["uniform", "adaptive"]
+QUANT_PLANS = get_args(QuantPlan)
 
 
 def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ sorted by expert and each expert runs once on its group of tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,18 @@ class CouncilStats:
     expert_counts: torch.Tensor   # (M, E) token assignments per expert in this call
 
 
+class Routing(NamedTuple):
+    """One council layer's routing of N flat tokens (kc kept members, ke experts per member)."""
+    overseer_logits: torch.Tensor  # (N, M)
+    alpha: torch.Tensor            # (N, M) overseer probabilities (the CCRL entropy bonus reads them)
+    member_weights: torch.Tensor   # (N, kc) renormalised α of the kept members
+    members: torch.Tensor          # (N, kc) kept member indices
+    expert_logits: torch.Tensor    # (N, kc, E) router logits of the kept members
+    beta: torch.Tensor             # (N, kc, E) expert probabilities
+    expert_weights: torch.Tensor   # (N, kc, ke) renormalised β of the chosen experts
+    experts: torch.Tensor          # (N, kc, ke) chosen expert indices within each member
+
+
 class CouncilFFN(nn.Module):
     """Overseer → M mini-MoEs (E SwiGLU experts, top-k) + P micro agents per member (PEER-style)."""
 
@@ -114,7 +127,7 @@ class CouncilFFN(nn.Module):
         # grouped call, (x (A, D) sorted by expert, counts (M·E,)) → (A, D).
         self.grouped_experts = None
 
-    def route(self, xs: torch.Tensor):
+    def route(self, xs: torch.Tensor) -> "Routing":
         """Routing for flat tokens xs (N, D): overseer probs/logits, kept members, expert picks."""
         ov_logits = self.overseer(xs)                                   # (N, M)
         alpha = ov_logits.float().softmax(dim=-1).to(xs.dtype)
@@ -123,23 +136,12 @@ class CouncilFFN(nn.Module):
         sel_logits = r_logits.gather(1, a_idx[..., None].expand(-1, -1, self.E))  # (N, kc, E)
         beta = sel_logits.float().softmax(dim=-1).to(xs.dtype)
         b_w, b_idx = _topk_renorm(beta, self.ke)                        # (N, kc, ke)
-        return ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx
+        return Routing(ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx)
 
     def _agents(self, rows: torch.Tensor) -> torch.Tensor:
         """Gathered bank rows (..., D) as the agents use them: binary per row under the adaptive
         plan (each row is one agent, so binarizing after the gather equals binarizing the bank)."""
         return binary_weight(rows, self.lam, self.training) if self.binary_weights else rows
-
-    def _micro(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """Micro-agent output of one member for its tokens x (n, D) (the reference, for forward_naive)."""
-        q = self.micro_query(x).view(-1, self.M, self.key_dim)[:, member]   # (n, dk)
-        scores = q @ self.micro_keys[member].T                                 # (n, P)
-        s, idx = scores.topk(self.kp, dim=-1)                                  # (n, kp)
-        g = s.float().softmax(dim=-1).to(x.dtype)
-        u = self._agents(F.embedding(idx, self.micro_down[member]))           # (n, kp, D), gathered rows only
-        v = self._agents(F.embedding(idx, self.micro_up[member]))
-        h = F.gelu(torch.einsum("nd,nkd->nk", x, u)) * g
-        return torch.einsum("nk,nkd->nd", h, v)
 
     def _micro_all(self, xs: torch.Tensor, a_w: torch.Tensor, a_idx: torch.Tensor) -> torch.Tensor:
         """Σ over each token's kept members m of α'_m · micro_m(x), for all tokens xs (N, D) at once.
@@ -163,7 +165,8 @@ class CouncilFFN(nn.Module):
         shape = x.shape
         xs = x.reshape(-1, shape[-1])
         N = xs.shape[0]
-        ov_logits, alpha, a_w, a_idx, sel_logits, beta, b_w, b_idx = self.route(xs)
+        r = self.route(xs)
+        alpha, a_w, a_idx, beta, b_w, b_idx = r.alpha, r.member_weights, r.members, r.beta, r.expert_weights, r.experts
         out = torch.zeros_like(xs)
         # Expert dispatch: one flat list of (token, global expert, weight) assignments.
         weights = (a_w[..., None] * b_w).reshape(-1)                          # (N·kc·ke,)
@@ -199,26 +202,7 @@ class CouncilFFN(nn.Module):
         aux = load_balancing_loss(alpha, a_idx, self.M) if losses else zero
         if member_lb:
             aux = aux + torch.stack(member_lb).mean()
-        z = router_z_loss(ov_logits) + router_z_loss(sel_logits) if losses else zero
+        z = router_z_loss(r.overseer_logits) + router_z_loss(r.expert_logits) if losses else zero
         stats = CouncilStats(council_probs=alpha, aux_loss=aux, z_loss=z,
                              expert_counts=counts.view(self.M, self.E).detach())
         return out.view(shape), stats
-
-    @torch.no_grad()
-    def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference: the same function computed token by token (for tests)."""
-        xs = x.reshape(-1, x.shape[-1])
-        _, _, a_w, a_idx, _, _, b_w, b_idx = self.route(xs)
-        rows = []
-        for n in range(xs.shape[0]):
-            y = torch.zeros_like(xs[n])
-            for c in range(self.kc):
-                m = int(a_idx[n, c])
-                member = torch.zeros_like(xs[n])
-                for j in range(self.ke):
-                    member += b_w[n, c, j] * self.experts[m * self.E + int(b_idx[n, c, j])](xs[n : n + 1])[0]
-                if self.P > 0:
-                    member += self._micro(xs[n : n + 1], m)[0]
-                y += a_w[n, c] * member
-            rows.append(y)
-        return torch.stack(rows).view(x.shape)

@@ -153,6 +153,11 @@ def _plots(rows: dict[str, dict]) -> list[Path]:
                          "decode speed against size", "size on disk (KiB)", "batch-1 decode tokens/s")]
 
 
+# The pyfunc's inference-time params (`predict(..., params=...)`, REST `{"params": {...}}`) and
+# their defaults; in the logged signature, so MLflow's server accepts them.
+PREDICT_PARAMS = {"max_new_tokens": 48, "temperature": 0.0}
+
+
 def register(tracker, champion: str, path: Path, value: float, metric: str) -> str:
     """Log the champion as a pyfunc model (models from code: no pickle) and register it; it takes
     the alias `champion` if it beats the current champion on `metric`, else `challenger`."""
@@ -162,7 +167,7 @@ def register(tracker, champion: str, path: Path, value: float, metric: str) -> s
     example = ["12+30="]
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(ROOT / "tasks" / "pyfunc_model.py"), artifacts={"export": str(path)},
-        signature=infer_signature(example, ["42"]), input_example=example, registered_model_name=MODEL_NAME,
+        signature=infer_signature(example, ["42"], params=PREDICT_PARAMS), input_example=example, registered_model_name=MODEL_NAME,
         pip_requirements=["torch==2.13.0", "tokenizers", "safetensors", "bitsandbytes"],
         code_paths=[str(ROOT / "quillan")])
     client = mlflow.MlflowClient()

@@ -19,7 +19,7 @@ from quillan.bitnet import bit_linears, ternary_quantize
 from quillan.checkpoint import load_model_dir
 from quillan.export import BANKS, KERNELS, convert, dequantized_weight, save
 from quillan.model import Quillan
-from quillan.train.data import TokenizedRecords, collate
+from quillan.train.data import TokenizedRecords, collate, masked_ce
 from tasks.common import ROOT, atomic_path, read_jsonl, write_metrics
 from tasks.params import Params
 from tasks.tracking import stage_run
@@ -85,9 +85,7 @@ def check_trainable(model: Quillan, tokenizer: Tokenizer, records: list[dict]) -
     data = TokenizedRecords(records[:64], tokenizer, model.cfg.max_seq_len)
     batch = collate([data[i] for i in range(len(data))], data.pad_id)
     out = model(batch["input_ids"], batch["attention_mask"])
-    labels = batch["labels"].reshape(-1)
-    loss = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels, ignore_index=-100)
-    loss.backward()
+    masked_ce(out.logits, batch["labels"]).backward()
     linears = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
     with_grad = [n for n, p in linears if p.grad is not None and bool((p.grad != 0).any())]
     if not with_grad:

@@ -28,10 +28,6 @@ GATES_DIR = ROOT / "gates"
 MAX_EXAMPLES = 3
 
 
-class GateError(RuntimeError):
-    """A gate failed; str() is the readable report."""
-
-
 @dataclass
 class GateResult:
     suite: str

@@ -17,6 +17,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from quillan.bitnet import QuantMethod, QuantPlan
 from quillan.calibrate import CalibrateConfig
 from quillan.config import PRESETS as MODEL_PRESETS
 from quillan.config import QuillanConfig
@@ -67,12 +68,12 @@ class QuantParams(BaseModel):
     """`quant:`: how BitLinear weights are quantized in training (and so what the exports compute)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["absmean", "tequila"] = Field(
+    method: QuantMethod = Field(
         "absmean", description="absmean: BitNet b1.58 round-clip with the plain STE; tequila: plus the dead-zone "
                                "bias λ·Σ(weights quantized to 0) per output, which gives trapped weights a gradient "
                                "(Huang et al. 2025)")
     tequila_lambda: float = Field(1e-3, ge=0, description="λ of tequila's dead-zone bias")
-    plan: Literal["uniform", "adaptive"] = Field(
+    plan: QuantPlan = Field(
         "uniform", description="uniform: every BitLinear ternary, routers and micro-agent banks full precision; "
                                "adaptive (seed note 001): micro-agent banks binary (±mean|row|, trained with the "
                                "λ warmup), experts and the rest ternary, overseer and routers full precision")

@@ -28,7 +28,7 @@ class QuillanPyfunc(PythonModel):
         if hasattr(model_input, "iloc"):
             model_input = model_input.iloc[:, 0].tolist()
         prompts = [prompt_text({"prompt": str(p)}) for p in model_input]
-        params = params or {}
+        params = params or {}  # the logged signature declares both, with these defaults
         return complete(self.model, self.tokenizer, prompts, int(params.get("max_new_tokens", 48)),
                         float(params.get("temperature", 0.0)))
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from quillan.data.filters import FilterReport, apply_filters
-from quillan.data.generators import DOMAINS, generate_tasks
+from quillan.data.generators import DOMAINS, Domain, generate_tasks
 from quillan.data.splits import SPLITS, split_records
 from quillan.data.tokenizer import train_tokenizer, training_text
 from quillan.data.verify import ANSWER_MARK, extract_answer
-
-Domain = Literal["math", "code", "reasoning", "writing"]
 
 
 class SelfGenConfig(BaseModel):

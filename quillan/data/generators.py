@@ -10,12 +10,13 @@ Every task has several phrasings so a model cannot key on one template.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 from quillan.data.code_expr import build_expression, render
 from quillan.data.verify import ANSWER_MARK, expected_answer
 
-DOMAINS = ("math", "code", "reasoning", "writing")
+Domain = Literal["math", "code", "reasoning", "writing"]
+DOMAINS = get_args(Domain)
 DIFFICULTIES = (1, 2, 3)
 
 Record = dict[str, Any]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,8 +30,10 @@ from quillan.export.layers import GroupedTernarySwiGLU, Int8Rows, TernaryLinear
 from quillan.model import Quillan, rope_tables
 from quillan.moe import CouncilFFN
 
-VARIANTS = ("ternary", "fp16", "int8", "int4", "mixed")
-KINDS = ("attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion")
+Variant = Literal["ternary", "fp16", "int8", "int4", "mixed"]
+VARIANTS = get_args(Variant)
+Kind = Literal["attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion"]
+KINDS = get_args(Kind)
 Precision = Literal["ternary", "fp16", "int8", "int4"]
 WEIGHTS, METADATA, TOKENIZER = "model.safetensors", "metadata.json", "tokenizer.json"
 BANKS = ("micro_keys", "micro_down", "micro_up")
@@ -39,11 +41,11 @@ BANKS = ("micro_keys", "micro_down", "micro_up")
 
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    variants: list[Literal["ternary", "fp16", "int8", "int4", "mixed"]] = Field(
+    variants: list[Variant] = Field(
         default_factory=lambda: list(VARIANTS), min_length=1, description="exports to write")
     int4_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type")
     int8_threshold: float = Field(0.0, ge=0, description="LLM.int8() outlier threshold (0: all columns int8)")
-    mixed: dict[Literal["attention", "experts", "micro_agents", "overseer", "dense_ffn", "diffusion"], Precision] = Field(
+    mixed: dict[Kind, Precision] = Field(
         default_factory=lambda: {"overseer": "fp16", "diffusion": "ternary", "experts": "int4",
                                  "micro_agents": "int8", "attention": "ternary", "dense_ffn": "ternary"},
         description="precision per module kind of the `mixed` variant (seed note 000)")
@@ -187,16 +189,13 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
     return model.eval(), plan  # new modules start in train mode; LLM.int8 re-quantizes in training
 
 
-def attach_grouped_experts(model: nn.Module) -> int:
+def attach_grouped_experts(model: nn.Module) -> None:
     """Give every council layer whose experts are all native ternary SwiGLUs a grouped dispatch
-    (`GroupedTernarySwiGLU`: three kernel calls per layer instead of three per expert). Returns
-    how many layers got one; where the kernels do not load, none do and experts run one by one."""
-    n = 0
+    (`GroupedTernarySwiGLU`: three kernel calls per layer instead of three per expert); where the
+    kernels do not load, none do and experts run one by one."""
     for m in model.modules():
         if isinstance(m, CouncilFFN) and GroupedTernarySwiGLU.supports(m.experts):
             m.grouped_experts = GroupedTernarySwiGLU(m.experts)
-            n += 1
-    return n
 
 
 # -- files --------------------------------------------------------------------------------------

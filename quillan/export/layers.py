@@ -128,7 +128,6 @@ class GroupedTernarySwiGLU:
     """
 
     def __init__(self, experts: Sequence[nn.Module]):
-        self.dim, self.hidden = experts[0].w1.in_features, experts[0].w1.out_features
         self.weights = {}
         for name in ("w1", "w3", "w2"):
             layers: list[TernaryLinear] = [getattr(e, name) for e in experts]

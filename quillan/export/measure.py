@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,10 +33,14 @@ class BenchmarkConfig(BaseModel):
     register_model: bool = Field(True, description="log the champion as an MLflow model and register it as `quillan`")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+def median_seconds(fn: Callable[[], object], min_reps: int = 5, max_reps: int | None = None,
+                   budget_s: float = 0.0) -> float:
+    """Median wall time (s) of `fn()` after one warm-up call: `min_reps` runs, more (up to
+    `max_reps`) while the total stays under `budget_s`."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < (max_reps or min_reps) and time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -48,7 +52,7 @@ def prefill_tokens_per_s(model: Quillan, batch: int, length: int, repeats: int, 
     """Tokens/s of one forward pass over (batch, length) random tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, model.cfg.vocab_size, (batch, length), generator=g)
-    return batch * length / _median_seconds(lambda: model(ids), repeats)
+    return batch * length / median_seconds(lambda: model(ids), repeats)
 
 
 @torch.no_grad()
@@ -57,8 +61,8 @@ def decode_tokens_per_s(model: Quillan, n_tokens: int, repeats: int, prompt_len:
     prompt's prefill is not counted."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, model.cfg.vocab_size, (1, prompt_len), generator=g)
-    t_n = _median_seconds(lambda: model.generate(ids, n_tokens, temperature=0.0), repeats)
-    t_1 = _median_seconds(lambda: model.generate(ids, 1, temperature=0.0), repeats)
+    t_n = median_seconds(lambda: model.generate(ids, n_tokens, temperature=0.0), repeats)
+    t_1 = median_seconds(lambda: model.generate(ids, 1, temperature=0.0), repeats)
     return (n_tokens - 1) / max(t_n - t_1, 1e-9)
 
 

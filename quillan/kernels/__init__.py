@@ -80,10 +80,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_version.restype = i32
     lib.qk_has_avx2.restype = i32
     lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
-    lib.qk_gemm.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, i32, ptr]
-    lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i32, ptr]
     lib.qk_grouped_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, i64, ptr, ptr, ptr]
-    for fn in (lib.qk_quantize_rows, lib.qk_gemm, lib.qk_linear, lib.qk_grouped_linear):
+    for fn in (lib.qk_quantize_rows, lib.qk_grouped_linear):
         fn.restype = None
     return lib
 
@@ -158,14 +156,12 @@ def quantize_activations(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """y (M, N) float32 = per-token int8 x (M, K) times the I2-packed ternary weights, rescaled.
-    `scale` is float32 of shape () or (N, 1). Requires `library()`."""
-    lib = _required()
-    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
-    m, n = x.shape[0], packed.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.qk_linear(x.data_ptr(), m, k, padded(k), eps, packed.data_ptr(), n, scale.data_ptr(),
-                  int(scale.dim() > 0), y.data_ptr())
-    return y
+    `scale` is float32 of shape () or (N, 1). Requires `library()`.
+
+    The one-group case of `grouped_ternary_linear` (one kernel for both)."""
+    n = packed.shape[0]
+    rows = scale.float().reshape(-1).expand(n).reshape(1, n)
+    return grouped_ternary_linear(x, packed.unsqueeze(0), k, rows, torch.tensor([x.shape[0]]), eps)
 
 
 

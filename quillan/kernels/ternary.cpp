@@ -138,6 +138,7 @@ static const int64_t CHUNK = 64;
 // y[m, n] for activation rows [m_begin, m_end) and weight rows [n_begin, n_end) of w, as
 // ((Σ_k q_x q_w) · xs[m]) · scale[n or 0]: the float operations in the order of
 // quillan.export.layers.TernaryLinear's reference path, so every path gives the same bits.
+// `per_channel` 0 reads scale[0] for every row (kept for a per-tensor caller).
 static void gemm_block(const int8_t* xq, const float* xs, const int32_t* rowsum, int64_t m_begin, int64_t m_end,
                        int64_t K_pad, const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N,
                        const float* scale, int per_channel, float* y) {
@@ -160,31 +161,6 @@ static void gemm_block(const int8_t* xq, const float* xs, const int32_t* rowsum,
         }
     }
 }
-
-// y (M, N) float from quantized activations xq (M, K_pad), scales xs (M) and one weight matrix.
-extern "C" void qk_gemm(const int8_t* xq, const float* xs, int64_t M, int64_t K_pad, const uint8_t* w, int64_t N,
-             const float* scale, int per_channel, float* y) {
-    int32_t* rowsum = row_sums(xq, M, K_pad);
-    const int64_t n_chunks = (N + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (N * K_pad * M > 262144)
-    for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
-        gemm_block(xq, xs, rowsum, 0, M, K_pad, w, ch * CHUNK, n_end, N, scale, per_channel, y);
-    }
-    std::free(rowsum);
-}
-
-// x (M, K) float → y (M, N) float: quantize the activations and multiply, one call per layer.
-extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w, int64_t N,
-               const float* scale, int per_channel, float* y) {
-    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64));
-    float* xs = (float*)std::malloc(sizeof(float) * (size_t)M);
-    qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
-    qk_gemm(xq, xs, M, K_pad, w, N, scale, per_channel, y);
-    std::free(xs);
-    std::free(xq);
-}
-
 
 // Grouped (MoE) product, one call for every expert: rows [offsets[g], offsets[g + 1]) of x (M, K)
 // are multiplied by weight matrix g of w (G, N, K_pad / 4) with per-row scales scale (G, N).

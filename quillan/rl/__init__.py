@@ -14,7 +14,8 @@ from quillan.rl.grpo import (
     policy_loss,
 )
 from quillan.rl.rollout import Group, completion_logprobs, pack_groups, reward_parts, sample_groups
-from quillan.rl.trainer import GRPOTrainer, NonFiniteError
+from quillan.errors import NonFiniteError
+from quillan.rl.trainer import GRPOTrainer
 
 __all__ = ["ADVANTAGE_MODES", "LOSS_TYPES", "GRPOConfig", "GRPOTrainer", "Group", "NonFiniteError", "RewardWeights",
            "completion_logprobs", "council_entropy", "dynamic_sample", "group_advantages", "informative_probability",

@@ -10,6 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quillan.data.generators import Domain
+from quillan.rl.grpo import AdvantageMode, LossType
+
 
 class RewardWeights(BaseModel):
     """CCRL multi-objective reward (seed note 001): w_R·R_correct + w_C·R_format − w_E·R_error."""
@@ -25,7 +28,7 @@ class GRPOConfig(BaseModel):
     enabled: bool = Field(True, description="false: models/grpo is a copy of models/train (no RL)")
     steps: int = Field(60, ge=0, description="policy-update batches (each: rollouts, advantages, μ updates)")
     prompts_per_step: int = Field(16, ge=1, description="groups (distinct prompts) per batch")
-    domains: list[Literal["math", "code", "reasoning", "writing"]] | None = Field(
+    domains: list[Domain] | None = Field(
         None, min_length=1, description="draw training prompts from these domains only (null: all)")
     prompt_sampling: Literal["uniform", "learnability"] = Field(
         "uniform", description="uniform over training records, or records weighted by their task's chance "
@@ -41,9 +44,9 @@ class GRPOConfig(BaseModel):
     lr_warmup_steps: int = Field(5, ge=0, description="linear LR warmup, steps")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
-    advantage: Literal["grpo", "dr_grpo", "positive_clip"] = Field(
+    advantage: AdvantageMode = Field(
         "grpo", description="group advantage: (R−mean)/std, R−mean (Dr. GRPO), or clip to [0, 1] (seed note 000)")
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field("dapo", description="aggregation over tokens")
+    loss_type: LossType = Field("dapo", description="aggregation over tokens")
     eps_low: float = Field(0.2, gt=0, lt=1, description="lower clip ε_low of the ratio")
     eps_high: float = Field(0.28, gt=0, description="upper clip ε_high of the ratio (clip-higher)")
     beta: float = Field(0.0, ge=0, description="k3 KL weight to the frozen starting model (0: no reference)")

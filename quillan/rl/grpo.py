@@ -11,12 +11,14 @@ Shapes: B sequences (= prompts × G), T completion tokens; masks are 1 on comple
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 
-ADVANTAGE_MODES = ("grpo", "dr_grpo", "positive_clip")
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+AdvantageMode = Literal["grpo", "dr_grpo", "positive_clip"]
+ADVANTAGE_MODES = get_args(AdvantageMode)
+LossType = Literal["grpo", "dapo", "dr_grpo"]
+LOSS_TYPES = get_args(LossType)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo", eps: float = 1e-6) -> torch.Tensor:

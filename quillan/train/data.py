@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 
@@ -32,6 +33,13 @@ class TokenizedRecords(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (nats) over positions whose label is not -100: the mean, or with
+    reduction="sum" the total; logits (B, T, V) float, labels (B, T)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

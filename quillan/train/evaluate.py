@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from quillan.model import Quillan
-from quillan.train.data import IGNORE, TokenizedRecords, collate
+from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce
 
 
 @torch.no_grad()
@@ -20,10 +19,8 @@ def evaluate_loss(model: Quillan, data: TokenizedRecords, batch_size: int = 64) 
     for start in range(0, len(data), batch_size):
         batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], data.pad_id)
         logits = model(batch["input_ids"], batch["attention_mask"]).logits
-        labels = batch["labels"].reshape(-1)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels,
-                                       ignore_index=IGNORE, reduction="sum"))
-        count += int((labels != IGNORE).sum())
+        total += float(masked_ce(logits, batch["labels"], reduction="sum"))
+        count += int((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 30.0)), "tokens": count}

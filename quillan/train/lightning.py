@@ -17,18 +17,10 @@ from torch.utils.data import DataLoader
 from quillan.bitnet import set_lambda, weight_sparsity
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
+from quillan.errors import NonFiniteError
 from quillan.train.config import TrainConfig
-from quillan.train.data import IGNORE, TokenizedRecords, collate, step_sampler
+from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce, step_sampler
 from quillan.train.schedules import lambda_at, lr_at
-
-
-class NonFiniteError(RuntimeError):
-    """Loss or gradient became NaN/Inf; the message names the step."""
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100; logits (B, T, V)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
 def worst_cluster(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> int:
@@ -200,7 +192,6 @@ class LambdaWarmup(L.Callback):
 
     def __init__(self, total_steps: int, warmup_frac: float, kind: str):
         self.total, self.frac, self.kind = total_steps, warmup_frac, kind
-        self.history: list[tuple[int, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         lam = lambda_at(trainer.global_step, self.total, self.frac, self.kind)

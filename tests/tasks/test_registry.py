@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from quillan.config import QuillanConfig
 from quillan.data.generators import generate_tasks
@@ -42,10 +43,15 @@ def test_register_aliases_and_fresh_process_predict(export_dir, tmp_path, monkey
     with stage_run("benchmark", {}) as tracker:
         assert register(tracker, "ternary", export_dir, 0.6, "accuracy") == "quillan v3 @champion"
     code = ("import mlflow; m = mlflow.pyfunc.load_model('models:/quillan@champion'); "
-            "out = m.predict(['12+30=']); print(repr(out))")
+            "out = m.predict(['12+30=']); short = m.predict(['12+30='], params={'max_new_tokens': 1}); "
+            "print(repr((out, short, sorted(p.name for p in m.metadata.get_params_schema().params))))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUILLAN")}
     env["MLFLOW_TRACKING_URI"] = uri
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the repr of a list of strings we printed
+    out, short, params = ast.literal_eval(proc.stdout.strip().splitlines()[-1])  # the repr we printed
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    assert params == ["max_new_tokens", "temperature"]  # declared: MLflow passes them through
+    assert "params` can only be specified" not in proc.stderr
+    tok = Tokenizer.from_file(str(export_dir / "tokenizer.json"))
+    assert len(tok.encode(short[0]).ids) <= 1 < len(tok.encode(out[0]).ids) or out[0] == short[0]
