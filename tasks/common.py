@@ -97,13 +97,19 @@ def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def numeric_leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flatten nested metrics to {"a/b/c": value} for the numeric (non-bool) leaves."""
-    out: dict[str, float] = {}
+def leaves(tree: dict[str, Any], sep: str, prefix: str = "") -> dict[str, Any]:
+    """Every non-dict value of a nested dict under its joined key path, e.g. {"a<sep>b": 1}."""
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(numeric_leaves(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
+            out.update(leaves(value, sep, name + sep))
+        else:
+            out[name] = value
     return out
+
+
+def numeric_leaves(tree: dict[str, Any]) -> dict[str, float]:
+    """Flatten nested metrics to {"a/b/c": value} for the numeric (non-bool) leaves."""
+    return {k: float(v) for k, v in leaves(tree, "/").items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from tasks.common import ROOT, numeric_leaves
+from tasks.common import ROOT, leaves, numeric_leaves
 
 EXPERIMENT = "quillan"
 PARENT_ENV = "QUILLAN_PARENT_RUN_ID"
@@ -120,15 +120,9 @@ def dvc_hashes(paths: list[str]) -> dict[str, str]:
     return out
 
 
-def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_params(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+def flat_params(tree: dict[str, Any]) -> dict[str, str]:
+    """Nested params as MLflow params: {"a.b": value}, non-strings JSON-encoded."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in leaves(tree, ".").items()}
 
 
 class StageRun:

@@ -74,6 +74,13 @@ def test_extreme_activations_do_not_overflow_int16():
     assert torch.equal(y, torch.tensor([[127 * k * s, -127 * k * s], [-127 * k * s, 127 * k * s]]))
 
 
+def _fresh_process(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
+    """`python -c code` with its own kernel build cache under tmp_path, kernels on, `env` added."""
+    env = {**os.environ, "QUILLAN_KERNEL_CACHE": str(tmp_path / "cache"), **env}
+    env.pop("QUILLAN_KERNELS", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
                     reason="the scalar build is checked on x86-64 (-march=x86-64 has no AVX2)")
 def test_scalar_kernel_without_avx2_is_the_exact_integer_product(tmp_path):
@@ -97,9 +104,7 @@ def test_scalar_kernel_without_avx2_is_the_exact_integer_product(tmp_path):
             "        y = kernels.grouped_ternary_linear(x, packed[None], k, rows, torch.tensor([m]), EPS)\n"
             "        assert torch.equal(y, exact)\n"
             "print('ok')\n")
-    env = {**os.environ, "QUILLAN_KERNEL_ARCH": "x86-64", "QUILLAN_KERNEL_CACHE": str(tmp_path / "cache")}
-    env.pop("QUILLAN_KERNELS", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = _fresh_process(code, tmp_path, QUILLAN_KERNEL_ARCH="x86-64")
     if "native ternary kernels unavailable" in proc.stderr and "no C++ compiler" in proc.stderr:
         pytest.skip("no C++ compiler")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
@@ -115,9 +120,7 @@ def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
             "print(tl.path, len(w), str(w[0].message) if w else '')\n"
             "x = torch.randn(3, 200)\n"
             "assert torch.equal(tl(x), tl(x, path='float'))\n")
-    env = {**os.environ, "CXX": "/bin/false", "QUILLAN_KERNEL_CACHE": str(tmp_path / "cache")}
-    env.pop("QUILLAN_KERNELS", None)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = _fresh_process(code, tmp_path, CXX="/bin/false")
     assert proc.returncode == 0, proc.stderr
     path, count, message = proc.stdout.strip().split(" ", 2)
     assert (path, count) == ("float", "1")
