@@ -143,7 +143,7 @@ def cmd_sample(args) -> int:
     from quillan.checkpoint import CheckpointError
     from quillan.data.tokenizer import prompt_text
     from quillan.inference import complete
-    from tasks.benchmark import load_any
+    from quillan.checkpoint import load_any
 
     path = Path(args.model_dir)
     try:

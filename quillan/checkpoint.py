@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+from torch import nn
 
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
@@ -96,6 +97,35 @@ def load_config(directory: Path | str) -> QuillanConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def load_weights(model: Quillan, state: dict[str, torch.Tensor], weights: Path, config: Path,
+                 skip: tuple[str, ...] = (), assign: bool = False) -> None:
+    """Put stored tensors into `model` (copied in place; `assign=True` for a model built on the
+    meta device, inference only since it unties the head): the tied head gets the embedding, and
+    CheckpointError naming `weights` and `config` if keys or shapes do not fit. Keys under a
+    prefix in `skip` belong to modules the caller rebuilt itself."""
+    if model.cfg.tie_embeddings and "embed.weight" in state:
+        state["head.weight"] = state["embed.weight"]
+    expected = {k for k in model.state_dict() if not k.startswith(skip)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: does not match {config}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=not skip, assign=assign)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{weights}: does not match {config}: {str(e).splitlines()[-1].strip()}") from None
+
+
+def load_any(path: Path | str) -> tuple[nn.Module, Tokenizer | None]:
+    """A runnable model and its tokenizer from any model directory: an export (metadata.json,
+    `quillan.export.load`) or a Quillan model directory (`load_model_dir`)."""
+    path = Path(path)
+    if (path / "metadata.json").exists():
+        from quillan.export import load  # the export package imports this module
+
+        return load(path)
+    return load_model_dir(path)
+
+
 def load_model_dir(directory: Path | str, device: str | torch.device = "cpu") -> tuple[Quillan, Tokenizer | None]:
     """The model (eval mode) and its tokenizer (None if the directory has none).
 
@@ -112,17 +142,7 @@ def load_model_dir(directory: Path | str, device: str | torch.device = "cpu") ->
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{weights}: cannot read weights ({type(e).__name__}: {e})") from None
-    if cfg.tie_embeddings and "embed.weight" in state:
-        state["head.weight"] = state["embed.weight"]
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: does not match {directory / CONFIG}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{weights}: does not match {directory / CONFIG}: {str(e).splitlines()[-1].strip()}") from None
+    load_weights(model, state, weights, directory / CONFIG)
     tok_path = directory / TOKENIZER
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
     return model.to(device).eval(), tokenizer

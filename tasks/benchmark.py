@@ -17,8 +17,7 @@ import torch
 from tqdm import tqdm
 
 from quillan.calibrate import stratified_sample
-from quillan.checkpoint import load_model_dir
-from quillan.export import load as load_export
+from quillan.checkpoint import load_any, load_model_dir
 from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
 from quillan.inference import accuracy_by_domain
 from quillan.machine import cpu_info
@@ -47,11 +46,6 @@ def candidates() -> dict[str, Path]:
         if (d / "metadata.json").exists():
             out[d.name] = d
     return out
-
-
-def load_any(path: Path):
-    """A model directory of either kind: an export (metadata.json) or a Quillan checkpoint."""
-    return load_export(path) if (path / "metadata.json").exists() else load_model_dir(path)
 
 
 def size_and_bits(path: Path, model) -> tuple[int, float]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quillan.calibrate import stratified_sample
-from quillan.checkpoint import load_model_dir, save_model_dir, state_for_saving
+from quillan.checkpoint import load_model_dir, load_weights, save_model_dir, state_for_saving
 from quillan.inference import accuracy_by_domain
 from quillan.rl import GRPOTrainer, NonFiniteError
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
@@ -71,10 +71,8 @@ def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
             print("grpo: discarding checkpoints made with other params or inputs")
             shutil.rmtree(CKPT_DIR)
         return 0, []
-    weights = load_file(str(last / "model.safetensors"))
-    if trainer.model.cfg.tie_embeddings:
-        weights["head.weight"] = weights["embed.weight"]
-    trainer.model.load_state_dict(weights)
+    load_weights(trainer.model, load_file(str(last / "model.safetensors")), last / "model.safetensors",
+                 last / "state.json")
     trainer.load_optimizer_tensors(load_file(str(last / "optimizer.safetensors")))
     trainer.task_stats = state["task_stats"]
     print(f"grpo: resuming at step {state['step']} from {last.relative_to(ROOT)}")

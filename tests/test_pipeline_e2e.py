@@ -147,7 +147,7 @@ def test_pipeline_flow_dvc_and_gate(smoke_runs):
     tensors = load_file(str(int4))
     tensors["embed.weight"] = tensors["embed.weight"] * 0  # every token looks the same: accuracy 0
     save_file(tensors, str(int4))
-    from quillan.export import file_sha256
+    from quillan.checkpoint import file_sha256
 
     meta = json.loads((int4.parent / "metadata.json").read_text())
     meta["weights_sha256"] = file_sha256(int4)  # a consistent export that is simply bad

@@ -140,7 +140,7 @@ def test_fp16_copy_is_trainable(exported):
 def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
     import shutil
 
-    from quillan.export import file_sha256
+    from quillan.checkpoint import file_sha256
 
     src = exported["ternary"][1]
     bad = tmp_path / "bad"
