@@ -8,7 +8,6 @@ ternary (every BitLinear). The export stage reads the same plan and the activati
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -36,21 +35,6 @@ class CalibrateConfig(BaseModel):
 def sparsity_threshold(n_params: int) -> float:
     """Size-adaptive sparsity threshold by parameter count (seed note 002's table)."""
     return next(t for bound, t in SPARSITY_TABLE if n_params < bound)
-
-
-def stratified_sample(records: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
-    """Up to `size` records, the same share from every (domain, difficulty) cell, deterministic."""
-    cells: dict[tuple, list] = defaultdict(list)
-    for r in records:
-        cells[(r["domain"], r["difficulty"])].append(r)
-    keys = sorted(cells)
-    per_cell, extra = divmod(min(size, len(records)), len(keys))
-    out = []
-    for i, key in enumerate(keys):
-        rows = list(cells[key])
-        random.Random(f"{seed}/calib/{key}").shuffle(rows)
-        out.extend(rows[: per_cell + (i < extra)])
-    return out
 
 
 def module_precision(module: nn.Module) -> str | None:

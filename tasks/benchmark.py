@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quillan.calibrate import stratified_sample
+from quillan.data.splits import stratified_sample
 from quillan.checkpoint import load_any, load_model_dir
 from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
 from quillan.inference import accuracy_by_domain

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from quillan.calibrate import collect_stats, precision_plan, sparsity_threshold, stratified_sample
+from quillan.calibrate import collect_stats, precision_plan, sparsity_threshold
+from quillan.data.splits import stratified_sample
 from quillan.checkpoint import load_model_dir
 from quillan.model import Quillan
 from quillan.train.data import TokenizedRecords, collate

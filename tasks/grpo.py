@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from quillan.calibrate import stratified_sample
+from quillan.data.splits import stratified_sample
 from quillan.checkpoint import load_model_dir, load_weights, save_model_dir, state_for_saving
 from quillan.inference import accuracy_by_domain
 from quillan.rl import GRPOTrainer, NonFiniteError

@@ -64,6 +64,21 @@ def generated_project(smoke_runs, tmp_path_factory):
     return copy_project(smoke_runs["pristine"], tmp_path_factory.mktemp("proj") / "quillan")
 
 
+@pytest.fixture(scope="session")
+def generated_data(tmp_path_factory):
+    """A fresh smoke project after `dvc repro generate` alone: data, tokenizer and the stage in
+    dvc.lock, no models (what data tests need, in seconds instead of a whole pipeline)."""
+    root, env = make_project(tmp_path_factory.mktemp("gen") / "quillan")
+    run([sys.executable, "-m", "dvc", "repro", "generate"], root, env)
+    return root
+
+
+@pytest.fixture
+def generated_data_copy(generated_data, tmp_path):
+    """A private copy of `generated_data`: (root, env)."""
+    return copy_project(generated_data, tmp_path / "quillan")
+
+
 def copy_project(src: Path, root: Path):
     """Copy a project directory, outputs and DVC cache included; returns (root, env) for it."""
     shutil.copytree(src, root, symlinks=True)

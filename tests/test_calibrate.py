@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from quillan.calibrate import collect_stats, precision_plan, sparsity_threshold, stratified_sample
+from quillan.calibrate import collect_stats, precision_plan, sparsity_threshold
+from quillan.data.splits import stratified_sample
 from quillan.config import QuillanConfig
 from quillan.data.generators import generate_tasks
 from quillan.model import Quillan

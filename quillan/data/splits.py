@@ -37,3 +37,18 @@ def split_records(records: list[Record], val_frac: float, test_frac: float,
     for name in SPLITS:  # one interleaved order, stable for a given seed
         random.Random(f"{seed}/order/{name}").shuffle(out[name])
     return out
+
+
+def stratified_sample(records: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
+    """Up to `size` records, the same share from every (domain, difficulty) cell, deterministic."""
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in records:
+        cells[(r["domain"], r["difficulty"])].append(r)
+    keys = sorted(cells)
+    per_cell, extra = divmod(min(size, len(records)), len(keys))
+    out = []
+    for i, key in enumerate(keys):
+        rows = list(cells[key])
+        random.Random(f"{seed}/calib/{key}").shuffle(rows)
+        out.extend(rows[: per_cell + (i < extra)])
+    return out

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from tests.conftest import copy_project, run
+from tests.conftest import run
 
 SPLITS = ["data/generated/train.jsonl", "data/generated/val.jsonl", "data/generated/test.jsonl"]
 
 
 @pytest.fixture
-def data_copy(generated_project, tmp_path):
-    return copy_project(generated_project[0], tmp_path / "quillan")
+def data_copy(generated_data_copy):
+    return generated_data_copy
 
 
 def _validate(root, env):

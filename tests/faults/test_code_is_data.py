@@ -35,8 +35,8 @@ def test_deep_nesting_is_refused():
         evaluate(node)
 
 
-def test_a_malicious_row_fails_the_gate_and_is_never_evaluated(generated_project):
-    root, env = generated_project
+def test_a_malicious_row_fails_the_gate_and_is_never_evaluated(generated_data_copy):
+    root, env = generated_data_copy
     path = root / "data/generated/train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     code = next(r for r in rows if r["domain"] == "code")
