@@ -3,7 +3,8 @@ and greedy exact-match accuracy on verifiable records."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from typing import Any, Callable
 
 import torch
@@ -58,29 +59,72 @@ def complete(model: Quillan, tokenizer: Tokenizer, prompts: list[str], max_new_t
     return out
 
 
+def task_of(record: dict[str, Any]) -> str:
+    """A record's task family, e.g. `reasoning/greater` (its domain if it names no task)."""
+    return f"{record['domain']}/{record.get('task', record['domain'])}"
+
+
+def wilson_interval(correct: int, count: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial share (Wilson 1927): (low, high) in [0, 1]."""
+    if count == 0:
+        return 0.0, 1.0
+    p, n = correct / count, count
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _shares(hits: dict[str, list[int]]) -> dict[str, float]:
+    return {k: h[0] / h[1] for k, h in sorted(hits.items())}
+
+
 def accuracy_by_domain(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]],
                        max_new_tokens: int = 64, batch_size: int = 64,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Greedy exact-match accuracy (share in [0, 1]) over `records`, overall and per domain.
+    """Greedy exact-match accuracy (share in [0, 1]) over `records`, overall, per domain, per task
+    family and per difficulty.
 
     Records are sorted by prompt length first so that batches pad little; the result does not
     depend on the order. `progress(n)` is called after each batch with its size.
-    Returns {"accuracy", "correct", "count", "by_domain": {domain: accuracy}}.
+    Returns {"accuracy", "correct", "count", "interval95": [low, high], "by_domain": {domain: acc},
+    "by_task": {family: acc}, "by_difficulty": {"1": acc, ...}, "task_counts": {family: n}}.
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(records)), key=lambda i: (len(records[i]["prompt"]), i))
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    hits: dict[str, dict[str, list[int]]] = {k: defaultdict(lambda: [0, 0]) for k in ("domain", "task", "difficulty")}
     for start in range(0, len(order), batch_size):
         batch = [records[i] for i in order[start : start + batch_size]]
         texts = complete(model, tokenizer, [prompt_text(r) for r in batch], max_new_tokens, batch_size=len(batch))
         for rec, text in zip(batch, texts):
-            h = hits[rec["domain"]]
-            h[0] += int(is_correct(rec, text))
-            h[1] += 1
+            ok = int(is_correct(rec, text))
+            for kind, key in (("domain", rec["domain"]), ("task", task_of(rec)),
+                              ("difficulty", str(rec.get("difficulty", "")))):
+                hits[kind][key][0] += ok
+                hits[kind][key][1] += 1
         if progress is not None:
             progress(len(batch))
     model.train(was_training)
-    correct, count = sum(h[0] for h in hits.values()), sum(h[1] for h in hits.values())
+    correct = sum(h[0] for h in hits["domain"].values())
+    count = sum(h[1] for h in hits["domain"].values())
     return {"accuracy": correct / max(count, 1), "correct": correct, "count": count,
-            "by_domain": {d: h[0] / h[1] for d, h in sorted(hits.items())}}
+            "interval95": list(wilson_interval(correct, count)), "by_domain": _shares(hits["domain"]),
+            "by_task": _shares(hits["task"]), "by_difficulty": _shares(hits["difficulty"]),
+            "task_counts": {k: h[1] for k, h in sorted(hits["task"].items())}}
+
+
+def prior_baseline(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:
+    """What guessing scores: per task family, the test accuracy of always answering that family's
+    most frequent training answer (ties to the smaller string), and "overall" across families."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for r in train:
+        answers[task_of(r)][r["answer"]] += 1
+    guess = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in answers.items()}
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in test:
+        h = hits[task_of(r)]
+        h[0] += int(task_of(r) in guess and is_correct(r, guess[task_of(r)]))
+        h[1] += 1
+    out = _shares(hits)
+    out["overall"] = sum(h[0] for h in hits.values()) / max(sum(h[1] for h in hits.values()), 1)
+    return out

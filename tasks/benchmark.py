@@ -19,7 +19,7 @@ from tqdm import tqdm
 from quillan.data.splits import stratified_sample
 from quillan.checkpoint import load_any, load_model_dir
 from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
-from quillan.inference import accuracy_by_domain
+from quillan.inference import accuracy_by_domain, prior_baseline
 from quillan.machine import cpu_info
 from quillan.train.data import TokenizedRecords
 from quillan.train.evaluate import evaluate_loss
@@ -106,8 +106,9 @@ def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, To
     with tqdm(total=len(test), desc=f"benchmark: {name}", unit="rec", mininterval=5) as bar:
         acc = accuracy_by_domain(model, tokenizer, test, cfg.eval_max_new_tokens, progress=bar.update)
     size, bits = size_and_bits(path, model)
-    row = {"accuracy": acc["accuracy"], "accuracy_by_domain": acc["by_domain"], "size_bytes": size,
-           "bits_per_weight": bits, **rss}
+    row = {"accuracy": acc["accuracy"], "accuracy_interval95": acc["interval95"], "accuracy_by_domain": acc["by_domain"],
+           "accuracy_by_task": acc["by_task"], "accuracy_by_difficulty": acc["by_difficulty"],
+           "task_counts": acc["task_counts"], "size_bytes": size, "bits_per_weight": bits, **rss}
     for split, data in ppl_sets.items():
         row[f"{split}_perplexity"] = evaluate_loss(model, data)["perplexity"]
     row["prefill_tokens_per_s"] = prefill_tokens_per_s(model, cfg.prefill_batch, cfg.prefill_len, cfg.repeats)
@@ -132,6 +133,31 @@ def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | No
                      f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB | {r['prefill_tokens_per_s']:,.0f} | "
                      f"{r['decode_tokens_per_s']:,.1f} | {gate} |")
     lines += ["", f"Champion: **{champion or 'none (no variant passed its gate)'}**"]
+    return "\n".join(lines) + "\n"
+
+
+def by_task(rows: dict[str, dict], prior: dict[str, float], champion: str | None) -> dict[str, dict]:
+    """{family: {"count", "prior", "unquantized", "champion"}}: each family's accuracy beside what
+    always giving its most frequent training answer scores."""
+    shown = [v for v in ("unquantized", champion) if v in rows]
+    counts = rows["unquantized"]["task_counts"]
+    return {t: {"count": counts[t], "prior": prior.get(t, 0.0),
+                **{("champion" if v == champion else v): rows[v]["accuracy_by_task"][t] for v in shown}}
+            for t in sorted(counts)}
+
+
+def task_table(table: dict[str, dict], rows: dict[str, dict], champion: str | None) -> str:
+    """Markdown: accuracy per task family and per difficulty next to the prior baseline."""
+    name = champion or "unquantized"
+    key = "champion" if champion else "unquantized"
+    r = rows[name]
+    lo, hi = r["accuracy_interval95"]
+    lines = ["", f"### Per task family ({name}; prior = always the family's most frequent training answer)", "",
+             f"Overall {r['accuracy']:.3f} (95 % interval {lo:.3f}–{hi:.3f}, n = {sum(t['count'] for t in table.values())}).",
+             "", "| family | n | accuracy | prior |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {t} | {v['count']} | {v[key]:.3f} | {v['prior']:.3f} |" for t, v in table.items()]
+    lines += ["", "| difficulty | accuracy |", "| --- | ---: |"]
+    lines += [f"| {d} | {a:.3f} |" for d, a in r["accuracy_by_difficulty"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +230,10 @@ def run(params: Params) -> dict:
                                cfg.max_accuracy_drop)
         passing = [v for v in rows if v not in ("unquantized", "reference") and v not in failed]
         champion = pick_champion(rows, passing, cfg.primary_metric)
+        prior = prior_baseline(read_jsonl(DATA / "train.jsonl"), test)
         metrics = {"variants": rows, "champion": champion, "gate_failed": failed, "threads": threads,
-                   "machine": machine,
+                   "machine": machine, "prior_baseline": prior["overall"],
+                   "accuracy_by_task": by_task(rows, prior, champion),
                    "eval_records": len(test)}
         for v, drop in failed.items():
             print(f"benchmark: gate FAILED for {v}: accuracy {rows[v]['accuracy']:.4f} is {drop * 100:.1f} points below "
@@ -214,7 +242,7 @@ def run(params: Params) -> dict:
             metrics["registered"] = register(tracker, champion, paths[champion], rows[champion][cfg.primary_metric],
                                              cfg.primary_metric)
         path = write_metrics("benchmark", metrics)
-        md = markdown(rows, failed, champion, threads, machine)
+        md = markdown(rows, failed, champion, threads, machine) + task_table(metrics["accuracy_by_task"], rows, champion)
         write_text(REPORT, md)
         for p in _plots(rows):
             tracker.log_artifact(p, "plots")

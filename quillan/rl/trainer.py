@@ -21,15 +21,11 @@ from tokenizers import Tokenizer
 
 from quillan.data.tokenizer import special_ids
 from quillan.errors import NonFiniteError
+from quillan.inference import task_of
 from quillan.model import Quillan
 from quillan.rl.config import GRPOConfig
 from quillan.rl.grpo import council_entropy, dynamic_sample, group_advantages, informative_probability, policy_loss
 from quillan.rl.rollout import Group, completion_logprobs, pack_groups, sample_groups
-
-
-def task_of(record: dict[str, Any]) -> str:
-    """A record's task family, e.g. `reasoning/greater` (its domain if it names no task)."""
-    return f"{record['domain']}/{record.get('task', record['domain'])}"
 
 
 class GRPOTrainer:

@@ -1,0 +1,45 @@
+"""quillan.inference: exact-match accuracy per family and difficulty, the prior baseline, intervals."""
+
+import math
+
+import torch
+
+from quillan.config import QuillanConfig
+from quillan.data.tokenizer import train_tokenizer, training_text
+from quillan.inference import accuracy_by_domain, prior_baseline, task_of, wilson_interval
+from quillan.model import Quillan
+
+
+def _rec(task, answer, difficulty=1, domain="reasoning"):
+    return {"domain": domain, "task": task, "difficulty": difficulty, "prompt": f"{task}?", "answer": answer,
+            "target": answer}
+
+
+def test_prior_baseline_answers_each_familys_most_frequent_training_answer():
+    train = [_rec("count", "1")] * 5 + [_rec("count", "2")] * 3 + [_rec("greater", "no")] * 2 + [_rec("greater", "yes")] * 2
+    test = [_rec("count", "1"), _rec("count", "1"), _rec("count", "3"), _rec("count", "2"),
+            _rec("greater", "no"), _rec("greater", "yes"), _rec("sort", "1, 2")]
+    prior = prior_baseline(train, test)
+    assert prior["reasoning/count"] == 0.5           # "1" is the mode: right on 2 of 4
+    assert prior["reasoning/greater"] == 0.5         # a tie: "no" < "yes", right on 1 of 2
+    assert prior["reasoning/sort"] == 0.0            # never seen in training: no guess
+    assert math.isclose(prior["overall"], 3 / 7)
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    lo, hi = wilson_interval(600, 1000)
+    assert abs(lo - 0.5693) < 1e-3 and abs(hi - 0.6299) < 1e-3  # ±3.0 points at 60 % on 1,000 records
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and 0.06 < hi < 0.08
+
+
+def test_accuracy_by_domain_counts_every_family_and_difficulty():
+    recs = [_rec("max", "9", 1), _rec("max", "7", 2), _rec("upper", "AB", 3, "writing")]
+    tok = train_tokenizer((training_text(r) for r in recs * 20), vocab_size=300)
+    torch.manual_seed(0)
+    model = Quillan(QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size())).eval()
+    acc = accuracy_by_domain(model, tok, recs, max_new_tokens=4)
+    assert acc["count"] == 3 and acc["task_counts"] == {"reasoning/max": 2, "writing/upper": 1}
+    assert set(acc["by_difficulty"]) == {"1", "2", "3"} and set(acc["by_task"]) == {task_of(r) for r in recs}
+    assert acc["interval95"][0] <= acc["accuracy"] <= acc["interval95"][1]
