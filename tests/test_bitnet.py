@@ -163,3 +163,18 @@ def test_binary_weight_interpolates_in_training_and_passes_gradients_straight_th
     assert torch.allclose(w.grad, torch.ones_like(w))  # STE: identity for both terms
     assert torch.equal(binary_weight(w, 0.25, training=False), binary_quantize(w))
     assert binary_weight(w, 0.0, training=True) is w
+
+
+def test_fused_activation_fake_quant_has_the_bits_of_activation_quantize_and_a_straight_through_gradient():
+    from quillan.bitnet import activation_quantize, fake_quantize_activations
+
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(64, 96, generator=g) * 10 ** (seed % 5 - 2)).requires_grad_(True)
+        x.data[0] = 0.0  # an all-zero row: absmax clamps to eps
+        q, scale = activation_quantize(x.detach())
+        y = fake_quantize_activations(x)
+        assert torch.equal(y, q.float() * scale), seed
+        w = torch.randn(64, 96, generator=g)
+        (y * w).sum().backward()
+        assert torch.equal(x.grad, w)

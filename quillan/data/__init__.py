@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from quillan.data.filters import FilterReport, apply_filters
-from quillan.data.generators import DOMAINS, Domain, generate_tasks
+from quillan.data.generators import DOMAINS, Domain, MathFormat, generate_tasks
 from quillan.data.splits import SPLITS, split_records
 from quillan.data.tokenizer import train_tokenizer, training_text
 from quillan.data.verify import ANSWER_MARK, extract_answer
@@ -32,6 +32,9 @@ class DataConfig(BaseModel):
     n_per_domain: int = Field(2000, ge=3, description="raw records per domain before filters")
     domains: list[Domain] = Field(default_factory=lambda: list(DOMAINS), min_length=1)
     math_steps_frac: float = Field(0.3, ge=0, le=1, description="share of math items with worked steps")
+    math_format: MathFormat = Field(
+        "plain", description="plain: the answer; reversed: `rev <digits least significant first>` then "
+                             "`Answer: N` (Lee et al. 2023)")
     val_frac: float = Field(0.1, gt=0, lt=0.5)
     test_frac: float = Field(0.1, gt=0, lt=0.5)
     min_chars: int = Field(4, ge=1, description="prompt+target characters, lower bound")
@@ -39,7 +42,8 @@ class DataConfig(BaseModel):
     min_tokens: int = Field(3, ge=1, description="prompt+target tokens, lower bound")
     max_tokens: int = Field(128, ge=4)
     near_dup_threshold: float = Field(0.9, gt=0, le=1, description="word-3-gram Jaccard")
-    vocab_size: int = Field(1024, ge=300, le=65536)
+    vocab_size: int = Field(1024, ge=260, le=65536, description="tokenizer vocabulary; 260 = the 256 bytes and "
+                                                                 "4 special tokens, no merges (character level)")
     tokenizer_min_frequency: int = Field(2, ge=1)
     max_domain_share_deviation: float = Field(
         0.05, gt=0, le=1, description="gate: |share of a domain − 1/#domains| must stay below this")
@@ -87,7 +91,7 @@ def build_dataset(cfg: DataConfig, seed: int, complete: Completer | None = None)
     The tokenizer is trained on the train split only; the token-length filter runs after it
     on every split, and its drops are counted in the same report.
     """
-    records = generate_tasks(cfg.n_per_domain, seed, cfg.math_steps_frac, tuple(cfg.domains))
+    records = generate_tasks(cfg.n_per_domain, seed, cfg.math_steps_frac, tuple(cfg.domains), cfg.math_format)
     for r in records:
         r["source"] = "procedural"
     if complete is not None and cfg.self_generate.samples_per_domain > 0:

@@ -84,7 +84,21 @@ WORDS = (
 ).split()
 
 
-def _math(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+MathFormat = Literal["plain", "reversed"]
+MATH_FORMATS = get_args(MathFormat)
+REVERSED_MARK = "rev"
+
+
+def reversed_digits(answer: str) -> str:
+    """The answer's digits least significant first, a minus sign last: `-853` → `358-`."""
+    return answer[::-1]
+
+
+def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: MathFormat = "plain") -> Record:
+    """An add/sub/mul item. `math_format: reversed` writes `rev <digits, least significant first>`
+    before `Answer: N`: each digit then depends only on the operands' digits at that place and
+    the carry, which small transformers learn far faster than most-significant-first output
+    (Lee et al. 2023, arXiv 2307.03381, §4 "reverse")."""
     op = rng.choice(tuple(_MATH_TEMPLATES))
     if op == "mul":
         da, db = {1: (1, 1), 2: (2, 1), 3: (2, 2)}[difficulty]
@@ -95,7 +109,7 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
     spec = {"kind": "arith", "op": op, "a": a, "b": b}
     answer = expected_answer(spec)
     prompt = rng.choice(_MATH_TEMPLATES[op]).format(a=a, b=b)
-    target = answer
+    target = answer if math_format == "plain" else f"{REVERSED_MARK} {reversed_digits(answer)}\n{ANSWER_MARK} {answer}"
     if difficulty > 1 and rng.random() < steps_frac:
         prompt += rng.choice(_STEPS_SUFFIX)
         target = f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
@@ -194,7 +208,7 @@ GENERATORS: dict[str, Callable[[random.Random, int, float], Record]] = {
 
 
 def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
-                   domains: tuple[str, ...] = DOMAINS) -> list[Record]:
+                   domains: tuple[str, ...] = DOMAINS, math_format: MathFormat = "plain") -> list[Record]:
     """`n_per_domain` raw records per domain, equally spread over difficulties 1..3.
 
     Deterministic for a given seed: each (domain, difficulty) cell draws from its own RNG, so
@@ -206,6 +220,9 @@ def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
             rng = random.Random(f"{seed}/{domain}/{difficulty}")
             count = n_per_domain // len(DIFFICULTIES) + (difficulty <= n_per_domain % len(DIFFICULTIES))
             for _ in range(count):
-                rec = GENERATORS[domain](rng, difficulty, steps_frac)
+                if domain == "math":
+                    rec = _math(rng, difficulty, steps_frac, math_format)
+                else:
+                    rec = GENERATORS[domain](rng, difficulty, steps_frac)
                 records.append({"domain": domain, "difficulty": difficulty, **rec})
     return records
