@@ -12,6 +12,7 @@ Needs the generate stage's outputs (data/generated, data/tokenizer.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -24,11 +25,36 @@ from tasks.params import load_params
 
 SWITCHES: dict[str, dict] = {
     "default": {},
+    # The step as it was before the fused activation fake-quant, at the old batch of 32 (the
+    # baseline of the throughput target); `composed_quant` swaps the old composition back in.
+    "before: batch 32, composed fake-quant": {"train.batch_size": 32, "composed_quant": True},
+    "default at batch 32": {"train.batch_size": 32},
     "quant.method=tequila": {"quant.method": "tequila"},
     "model.per_channel=true": {"model.per_channel": True},
     "quant.plan=adaptive": {"quant.plan": "adaptive"},
     "train.optimizer=hybrid": {"train.optimizer": "hybrid"},
 }
+
+
+@contextlib.contextmanager
+def composed_fake_quant(on: bool):
+    """BitLinear's activation fake-quant as it was composed before the fused autograd function
+    (activation_quantize, int8 round trip, STE sub/add): the same values, more passes."""
+    from quillan.bitnet import BitLinear, _ste, activation_quantize
+
+    fused = BitLinear.quantized_input
+
+    def composed(self, x):
+        if not (self.quantize and self.act_quant):
+            return x
+        q, scale = activation_quantize(x.detach())
+        return _ste(x, q.to(x.dtype) * scale)
+
+    BitLinear.quantized_input = composed if on else fused
+    try:
+        yield
+    finally:
+        BitLinear.quantized_input = fused
 
 
 def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> dict:
@@ -38,6 +64,8 @@ def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> di
     from quillan.train.data import TokenizedRecords
     from quillan.train.lightning import QuillanDataModule, QuillanLightning
 
+    overrides = dict(overrides)
+    composed = overrides.pop("composed_quant", False)
     params = load_params(overrides=overrides)
     tok = Tokenizer.from_file(str(ROOT / "data" / "tokenizer.json"))
     model_cfg = params.quillan_config(tok.get_vocab_size())
@@ -62,7 +90,8 @@ def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> di
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
                         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
                         gradient_clip_val=cfg.grad_clip, deterministic=True)
-    trainer.fit(module, datamodule=dm)
+    with composed_fake_quant(composed):
+        trainer.fit(module, datamodule=dm)
     return {"tokens_per_s": round(tokens[0] / sum(times), 1), "ms_per_step": round(1000 * sum(times) / len(times), 1),
             "timed_steps": len(times)}
 
