@@ -90,31 +90,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from tasks.gates import run_gate
+    from tasks.gates import validate
+    from tasks.tracking import TrackingUnreachable
 
     params = _load(args)
-    paths = [Path(p) for p in args.paths]
-    if args.mlflow:
-        from tasks.tracking import TrackingUnreachable, check_tracking
-
-        try:
-            check_tracking()
-        except TrackingUnreachable as e:
-            print(f"validate: {e}", file=sys.stderr)
-            return 2
+    run_name = (args.run_name or f"gate_{args.suite}") if args.mlflow else None
     try:
-        result = run_gate(args.suite, paths, params, Path(args.report) if args.report else None)
-    except (ValueError, FileNotFoundError) as e:
+        result = validate(args.suite, [Path(p) for p in args.paths], params,
+                          Path(args.report) if args.report else None, run_name)
+    except (ValueError, FileNotFoundError, TrackingUnreachable) as e:
         print(f"validate: {e}", file=sys.stderr)
         return 2
-    if args.mlflow:
-        from tasks.tracking import stage_run
-
-        with stage_run(args.run_name or f"gate_{args.suite}", {"suite": args.suite, "files": [str(p) for p in paths]}) as tracker:
-            tracker.log_metrics({"gate": {"success": int(result.success), "rows": result.rows,
-                                          "failed_expectations": len(result.failures)}})
-            if args.report:
-                tracker.log_artifact(args.report)
     print(result.report(), file=sys.stdout if result.success else sys.stderr)
     return 0 if result.success else 1
 

@@ -227,6 +227,25 @@ def _examples(df: pd.DataFrame, indices: list[int]) -> list[str]:
     return [f"{df.iloc[i]['_where']} {df.iloc[i]['_show']}" for i in indices[:MAX_EXAMPLES]]
 
 
+def validate(suite: str, paths: list[Path], params: Params, report: Path | None = None,
+             mlflow_run: str | None = None) -> GateResult:
+    """`run_gate`, and with `mlflow_run` (a dvc.yaml gate stage name) its MLflow run like any
+    stage's: the tracking server is checked before any work (TrackingUnreachable), then the
+    gate's success, row count and failures are logged with its report."""
+    if mlflow_run is None:
+        return run_gate(suite, paths, params, report)
+    from tasks.tracking import check_tracking, stage_run
+
+    check_tracking()
+    result = run_gate(suite, paths, params, report)
+    with stage_run(mlflow_run, {"suite": suite, "files": [str(p) for p in paths]}) as tracker:
+        tracker.log_metrics({"gate": {"success": int(result.success), "rows": result.rows,
+                                      "failed_expectations": len(result.failures)}})
+        if report:
+            tracker.log_artifact(report)
+    return result
+
+
 def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Path | None = None,
              tokenizer: Path | None = None) -> GateResult:
     """Validate files against a suite; never raises for failing data (see `GateResult.success`).
