@@ -87,9 +87,9 @@ class Int4Linear(nn.Module):
         """Rebuild from `export_tensors()`; ValueError when they do not fit (out, in)."""
         bnb = bitsandbytes()
         rows, cols = int4_padded_shape(out_features, in_features)
-        stats = {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
         lin = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.float32)
-        lin.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, device="cpu", module=lin)
+        lin.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], _quant_stats(tensors), device="cpu",
+                                                         module=lin)
         if tuple(lin.weight.quant_state.shape) != (rows, cols):
             raise ValueError(f"quant state shape {tuple(lin.weight.quant_state.shape)}, a ({out_features}, "
                              f"{in_features}) layer stores {(rows, cols)} (padded for bitsandbytes' CPU kernels)")
@@ -103,8 +103,7 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The float weight (out, in) this layer computes with (padding removed)."""
         bnb = bitsandbytes()
-        stats = {k[len("weight."):]: v for k, v in self._stored.items() if k.startswith("weight.")}
-        state = bnb.functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+        state = bnb.functional.QuantState.from_dict(_quant_stats(self._stored), device=torch.device("cpu"))
         w = bnb.functional.dequantize_4bit(self._stored["weight"], state).float()
         return w[: self.out_features, : self.in_features]
 
@@ -118,6 +117,11 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"stored={tuple(int4_padded_shape(self.out_features, self.in_features))}")
+
+
+def _quant_stats(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """bitsandbytes' quant-state entries of stored Linear4bit tensors (the `weight.*` keys, prefix dropped)."""
+    return {k[len("weight."):]: v for k, v in tensors.items() if k.startswith("weight.")}
 
 
 def _linear4bit_state(lin: nn.Module) -> dict[str, Any]:

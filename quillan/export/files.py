@@ -16,7 +16,7 @@ from torch import nn
 from quillan.checkpoint import CheckpointError, file_sha256, load_weights, read_json_file
 from quillan.config import QuillanConfig
 from quillan.export.bnb_layers import Int4Linear, bitsandbytes, int8_from_export, int8_tensors, with_bias
-from quillan.export.convert import replace_bank, replace_module, attach_grouped_experts
+from quillan.export.convert import attach_grouped_experts, replace_bank, replace_module
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.export.plan import BANKS, VARIANTS
 from quillan.model import Quillan, rope_tables
