@@ -25,9 +25,10 @@ from tasks.params import load_params
 
 SWITCHES: dict[str, dict] = {
     "default": {},
-    # The step as it was before the fused activation fake-quant, at the old batch of 32 (the
-    # baseline of the throughput target); `composed_quant` swaps the old composition back in.
-    "before: batch 32, composed fake-quant": {"train.batch_size": 32, "composed_quant": True},
+    # The step as it was before issue 20 (old_step), at the old batch of 32: the baseline of the
+    # throughput target.
+    "before: old step, batch 32": {"train.batch_size": 32, "old_step": True},
+    "old step, batch 64": {"old_step": True},
     "default at batch 32": {"train.batch_size": 32},
     "quant.method=tequila": {"quant.method": "tequila"},
     "model.per_channel=true": {"model.per_channel": True},
@@ -37,12 +38,16 @@ SWITCHES: dict[str, dict] = {
 
 
 @contextlib.contextmanager
-def composed_fake_quant(on: bool):
-    """BitLinear's activation fake-quant as it was composed before the fused autograd function
-    (activation_quantize, int8 round trip, STE sub/add): the same values, more passes."""
+def old_step(on: bool):
+    """The training step as it was before this issue's changes, the same values by more passes:
+    BitLinear's activation fake-quant composed (activation_quantize, int8 round trip, STE sub/add)
+    instead of one fused autograd function, every BitLinear quantizing its own copy of a shared
+    input (q/k/v, w1/w3), and the micro agents' bank rows always gathered (never dense)."""
+    import quillan.model
+    import quillan.moe
     from quillan.bitnet import BitLinear, _ste, activation_quantize
 
-    fused = BitLinear.quantized_input
+    fused, shared = BitLinear.quantized_input, quillan.moe.on_shared_input
 
     def composed(self, x):
         if not (self.quantize and self.act_quant):
@@ -50,11 +55,19 @@ def composed_fake_quant(on: bool):
         q, scale = activation_quantize(x.detach())
         return _ste(x, q.to(x.dtype) * scale)
 
-    BitLinear.quantized_input = composed if on else fused
+    def separate(layers, x):
+        return [m(x) for m in layers]
+
+    if on:
+        BitLinear.quantized_input = composed
+        quillan.moe.on_shared_input = quillan.model.on_shared_input = separate
+        quillan.moe.CouncilFFN.dense_agents = False
     try:
         yield
     finally:
         BitLinear.quantized_input = fused
+        quillan.moe.on_shared_input = quillan.model.on_shared_input = shared
+        quillan.moe.CouncilFFN.dense_agents = True
 
 
 def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> dict:
@@ -65,7 +78,7 @@ def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> di
     from quillan.train.lightning import QuillanDataModule, QuillanLightning
 
     overrides = dict(overrides)
-    composed = overrides.pop("composed_quant", False)
+    old = overrides.pop("old_step", False)
     params = load_params(overrides=overrides)
     tok = Tokenizer.from_file(str(ROOT / "data" / "tokenizer.json"))
     model_cfg = params.quillan_config(tok.get_vocab_size())
@@ -90,7 +103,7 @@ def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> di
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
                         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
                         gradient_clip_val=cfg.grad_clip, deterministic=True)
-    with composed_fake_quant(composed):
+    with old_step(old):
         trainer.fit(module, datamodule=dm)
     return {"tokens_per_s": round(tokens[0] / sum(times), 1), "ms_per_step": round(1000 * sum(times) / len(times), 1),
             "timed_steps": len(times)}
@@ -101,11 +114,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rows", type=int, default=4096, help="training rows to draw batches from")
+    ap.add_argument("--only", nargs="+", choices=list(SWITCHES), help="measure these switches only")
     args = ap.parse_args()
     results = {}
-    for name, overrides in tqdm(SWITCHES.items(), desc="bench.train_step", unit="switch"):
+    chosen = {name: SWITCHES[name] for name in (args.only or SWITCHES)}
+    for name, overrides in tqdm(chosen.items(), desc="bench.train_step", unit="switch"):
         results[name] = tokens_per_second(overrides, args.steps, args.warmup, args.rows)
-        print(f"{name:26s} {results[name]['tokens_per_s']:9.1f} tokens/s  {results[name]['ms_per_step']:7.1f} ms/step")
+        print(f"{name:28s} {results[name]['tokens_per_s']:9.1f} tokens/s  {results[name]['ms_per_step']:7.1f} ms/step")
     path = write_result("train_step", {"preset": load_params().preset, "steps": args.steps, "warmup": args.warmup,
                                        "rows": args.rows, "results": results})
     print(f"wrote {path.relative_to(ROOT)}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from quillan.bitnet import BitLinear
+from quillan.bitnet import BitLinear, on_shared_input
 from quillan.config import QuillanConfig
 from quillan.moe import CouncilFFN, CouncilStats, SwiGLU
 
@@ -67,10 +67,13 @@ class Attention(nn.Module):
 
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values (B, K, T, hd) for x (B, T, D)."""
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        return self._heads_kv(self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def _heads_kv(self, k: torch.Tensor, v: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values (B, T, K·hd) → rotated keys and values (B, K, T, hd)."""
+        B, T, _ = k.shape
+        k = k.view(B, T, self.K, self.hd).transpose(1, 2)
+        return apply_rope(k, cos, sin), v.view(B, T, self.K, self.hd).transpose(1, 2)
 
     def forward(self, x, cos, sin, mask, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 slot: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,8 +81,9 @@ class Attention(nn.Module):
         go to slots [slot, slot + T) of cache rows `rows` (all rows if None) and attention
         reads slots [0, slot + T)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2), cos, sin)
-        k, v = self.kv(x, cos, sin)
+        q, k, v = on_shared_input((self.q_proj, self.k_proj, self.v_proj), x)
+        q = apply_rope(q.view(B, T, self.H, self.hd).transpose(1, 2), cos, sin)
+        k, v = self._heads_kv(k, v, cos, sin)
         if cache is not None:
             ck, cv = cache
             idx = slice(None) if rows is None else rows

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quillan.bitnet import BitLinear, binary_weight
+from quillan.bitnet import BitLinear, binary_weight, on_shared_input
 
 
 def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -71,7 +71,8 @@ class SwiGLU(nn.Module):
         self.w2 = BitLinear(hidden, dim, **bitlinear_kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = on_shared_input((self.w1, self.w3), x)
+        return self.w2(F.silu(gate) * up)
 
 
 @dataclass
@@ -98,6 +99,9 @@ class Routing(NamedTuple):
 
 class CouncilFFN(nn.Module):
     """Overseer → M mini-MoEs (E SwiGLU experts, top-k) + P micro agents per member (PEER-style)."""
+
+    # False: always gather the chosen agents' rows, PEER as written (bench.train_step's old step).
+    dense_agents = True
 
     def __init__(self, dim: int, n_council: int, council_top_k: int, n_experts: int, expert_top_k: int,
                  expert_hidden: int, n_micro: int = 0, micro_top_k: int = 0, micro_key_dim: int = 32,
@@ -146,20 +150,30 @@ class CouncilFFN(nn.Module):
     def _micro_all(self, xs: torch.Tensor, a_w: torch.Tensor, a_idx: torch.Tensor) -> torch.Tensor:
         """Σ over each token's kept members m of α'_m · micro_m(x), for all tokens xs (N, D) at once.
 
-        One query projection for all members; scores against every member's keys (N, M, P), the
-        kept members' top-k agents, and only those agents' rows of the banks gathered (PEER).
+        One query projection for all members; scores against every member's keys (N, M, P) and
+        the kept members' top-k agents with softmax gates g. Then, per PEER (He 2024), only the
+        chosen agents' bank rows are gathered, (N, kc, kp, D) each for u and v, when that is
+        fewer rows than the banks hold; otherwise (training batches: N·kc·kp ≥ M·P) every agent
+        runs densely and the unchosen ones get weight 0: two (N, M·P) products instead of two
+        gathers and their scatter-add backward, the same sum with far less memory traffic.
         """
         N = xs.shape[0]
         q = self.micro_query(xs).view(N, self.M, self.key_dim)                       # (N, M, dk)
         scores = torch.einsum("nmd,mpd->nmp", q, _bank_tensor(self.micro_keys))       # (N, M, P)
         scores = scores.gather(1, a_idx[..., None].expand(-1, -1, self.P))           # (N, kc, P)
         s, idx = scores.topk(self.kp, dim=-1)                                        # (N, kc, kp)
-        g = s.float().softmax(dim=-1).to(xs.dtype)
+        g = s.float().softmax(dim=-1).to(xs.dtype) * a_w[..., None]                  # α'_m · g
         rows = a_idx[..., None] * self.P + idx                                       # rows of the (M·P, D) banks
-        u = self._agents(_bank_rows(self.micro_down, rows))                          # (N, kc, kp, D)
-        v = self._agents(_bank_rows(self.micro_up, rows))
-        h = F.gelu(torch.einsum("nd,nckd->nck", xs, u)) * g
-        return torch.einsum("nck,nckd->nd", h * a_w[..., None], v)
+        if not self.dense_agents or rows.numel() < self.M * self.P:
+            u = self._agents(_bank_rows(self.micro_down, rows))                      # (N, kc, kp, D)
+            v = self._agents(_bank_rows(self.micro_up, rows))
+            h = F.gelu(torch.einsum("nd,nckd->nck", xs, u)) * g
+            return torch.einsum("nck,nckd->nd", h, v)
+        d = xs.shape[-1]
+        u = self._agents(_bank_tensor(self.micro_down)).reshape(-1, d)              # (M·P, D)
+        v = self._agents(_bank_tensor(self.micro_up)).reshape(-1, d)
+        weights = xs.new_zeros(N, self.M * self.P).scatter_add_(1, rows.reshape(N, -1), g.reshape(N, -1))
+        return (F.gelu(xs @ u.T) * weights) @ v
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, CouncilStats]:
         shape = x.shape

@@ -178,3 +178,18 @@ def test_fused_activation_fake_quant_has_the_bits_of_activation_quantize_and_a_s
         w = torch.randn(64, 96, generator=g)
         (y * w).sum().backward()
         assert torch.equal(x.grad, w)
+
+
+def test_shared_input_equals_each_layer_on_its_own():
+    from quillan.bitnet import on_shared_input
+
+    torch.manual_seed(0)
+    layers = (BitLinear(8, 4), BitLinear(8, 6))
+    x = torch.randn(3, 8, requires_grad=True)
+    shared = on_shared_input(layers, x)
+    for layer, y in zip(layers, shared):
+        assert torch.equal(y, layer(x))
+    # A layer of another kind (an export's inference layer) is called as it is.
+    plain = torch.nn.Linear(8, 2)
+    mixed = on_shared_input((layers[0], plain), x)
+    assert torch.equal(mixed[1], plain(x)) and torch.equal(mixed[0], layers[0](x))

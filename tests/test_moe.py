@@ -76,6 +76,37 @@ def test_grouped_dispatch_equals_naive_per_token_loop():
     assert int(stats.expert_counts.sum()) == 15 * 2 * 2
 
 
+def test_micro_agents_gathered_and_dense_paths_equal_the_per_member_reference():
+    ffn = _council(n_micro=6, micro_top_k=2)  # banks: M·P = 24 rows
+    for tokens in (2, 5, 7):  # N·kc·kp = 8, 20 rows < 24: PEER gather; 28 ≥ 24: dense
+        x = torch.randn(1, tokens, 16, generator=torch.Generator().manual_seed(tokens))
+        xs = x.view(-1, 16)
+        r = ffn.route(xs)
+        reference = torch.zeros_like(xs)
+        for n in range(tokens):
+            for c in range(ffn.kc):
+                reference[n] += r.member_weights[n, c] * _micro(ffn, xs[n : n + 1], int(r.members[n, c]))[0]
+        assert torch.allclose(ffn._micro_all(xs, r.member_weights, r.members), reference, atol=1e-6)
+    x = torch.randn(1, 7, 16)  # 7·2·2 = 28 ≥ 24 rows: every agent runs densely
+    xs = x.view(-1, 16)
+    r = ffn.route(xs)
+    dense = ffn._micro_all(xs, r.member_weights, r.members)
+    gathered = torch.cat([ffn._micro_all(xs[n : n + 1], r.member_weights[n : n + 1], r.members[n : n + 1])
+                          for n in range(7)])
+    assert dense.abs().max() > 1e-3
+    assert torch.allclose(dense, gathered, atol=1e-6)
+
+
+def test_dense_micro_agents_pass_gradients_only_to_chosen_agents():
+    ffn = _council(n_micro=16, micro_top_k=1, n_council=1, council_top_k=1)
+    xs = torch.randn(20, 16)  # 20 rows ≥ 16: the dense path
+    r = ffn.route(xs)
+    ffn._micro_all(xs, r.member_weights, r.members).sum().backward()
+    chosen = (ffn.micro_query(xs).view(20, 1, -1) @ ffn.micro_keys.transpose(1, 2)).argmax(-1).unique()
+    touched = ffn.micro_up.grad[0].abs().sum(-1).nonzero().flatten()
+    assert torch.equal(touched, chosen.sort().values)
+
+
 def test_only_selected_experts_run():
     ffn = _council(n_council=8, council_top_k=1, n_experts=8, expert_top_k=2)
     calls = {}
