@@ -1,5 +1,5 @@
 """Model directories: `model.safetensors` + `config.json` (+ `tokenizer.json`) + `checksums.json`.
-No pickles.
+No pickles. Exports (quillan.export) carry the same `checksums.json`.
 
 Layout shared by models/train/, models/grpo/ and anything that loads a Quillan model.
 safetensors has no checksum of its own, so a flipped bit in tensor data would load silently:
@@ -36,8 +36,14 @@ def save_model_dir(directory: Path | str, model: Quillan, tokenizer: Tokenizer |
     (directory / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
-    files = [WEIGHTS, CONFIG] + ([TOKENIZER] if tokenizer is not None else [])
-    sums = {name: file_sha256(directory / name) for name in files}
+    write_checksums(directory, [WEIGHTS, CONFIG] + ([TOKENIZER] if tokenizer is not None else []))
+
+
+def write_checksums(directory: Path | str, names: list[str]) -> None:
+    """`checksums.json` in `directory`: the sha256 of each named file there (model directories
+    and exports alike; `verify_checksums` checks them on load)."""
+    directory = Path(directory)
+    sums = {name: file_sha256(directory / name) for name in names}
     (directory / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
 
 
@@ -62,7 +68,7 @@ def verify_checksums(directory: Path | str) -> None:
     """Raise CheckpointError naming the file if any file listed in `checksums.json` is missing
     or its sha256 differs (truncated, bit-flipped or replaced)."""
     directory = Path(directory)
-    sums = read_json_file(directory / CHECKSUMS, "a Quillan model directory written by save_model_dir")
+    sums = read_json_file(directory / CHECKSUMS, "a Quillan model directory or export")
     if not isinstance(sums, dict) or WEIGHTS not in sums:
         raise CheckpointError(f"{directory / CHECKSUMS}: expected an object with the sha256 of {WEIGHTS}")
     for name, expected in sorted(sums.items()):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quillan.data.splits import stratified_sample
-from quillan.checkpoint import load_model_dir, load_weights, save_model_dir, state_for_saving
+from quillan.checkpoint import CONFIG, WEIGHTS, load_model_dir, save_model_dir, write_checksums
 from quillan.inference import accuracy_by_domain
 from quillan.rl import GRPOTrainer, NonFiniteError
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
@@ -54,11 +54,11 @@ def _save_checkpoint(trainer: GRPOTrainer, step: int, history: list[dict], fp: s
     """Model weights, AdamW state, history and per-task rollout counts after `step` steps,
     replacing the last checkpoint atomically."""
     with atomic_path(CKPT_DIR / "last") as tmp:
-        tmp.mkdir()
-        save_file(state_for_saving(trainer.model), str(tmp / "model.safetensors"))
+        save_model_dir(tmp, trainer.model)  # a model directory like every other, plus the run state
         save_file(trainer.optimizer_tensors(), str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"fingerprint": fp, "step": step, "history": history,
                                                          "task_stats": trainer.task_stats}))
+        write_checksums(tmp, [WEIGHTS, CONFIG, "optimizer.safetensors", "state.json"])
 
 
 def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
@@ -71,8 +71,8 @@ def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
             print("grpo: discarding checkpoints made with other params or inputs")
             shutil.rmtree(CKPT_DIR)
         return 0, []
-    load_weights(trainer.model, load_file(str(last / "model.safetensors")), last / "model.safetensors",
-                 last / "state.json")
+    saved, _ = load_model_dir(last)  # checksums (optimizer and state too), config, keys and shapes
+    trainer.model.load_state_dict(saved.state_dict())
     trainer.load_optimizer_tensors(load_file(str(last / "optimizer.safetensors")))
     trainer.task_stats = state["task_stats"]
     print(f"grpo: resuming at step {state['step']} from {last.relative_to(ROOT)}")

@@ -147,11 +147,9 @@ def test_pipeline_flow_dvc_and_gate(smoke_runs):
     tensors = load_file(str(int4))
     tensors["embed.weight"] = tensors["embed.weight"] * 0  # every token looks the same: accuracy 0
     save_file(tensors, str(int4))
-    from quillan.checkpoint import file_sha256
+    from quillan.checkpoint import write_checksums
 
-    meta = json.loads((int4.parent / "metadata.json").read_text())
-    meta["weights_sha256"] = file_sha256(int4)  # a consistent export that is simply bad
-    (int4.parent / "metadata.json").write_text(json.dumps(meta))
+    write_checksums(int4.parent, ["model.safetensors", "metadata.json", "tokenizer.json"])  # consistent, simply bad
     redo = run([sys.executable, "-m", "flows.cli", "stage", "benchmark", "--set", "benchmark.max_accuracy_drop=0.0",
                 "--set", "benchmark.primary_metric=size_bytes"], root, env)
     bench2 = json.loads((root / "metrics/benchmark.json").read_text())

@@ -1,6 +1,7 @@
 """The export file format: `model.safetensors` (quantized modules in their stored form, everything
-else FP16, keys sorted) + `metadata.json` (+ `tokenizer.json`); `save` writes it, `load` rebuilds a
-runnable model from the directory alone, shape- and checksum-checked. No pickles."""
+else FP16, keys sorted) + `metadata.json` (+ `tokenizer.json`) + `checksums.json` (as in model
+directories, quillan.checkpoint); `save` writes it, `load` rebuilds a runnable model from the
+directory alone, shape- and checksum-checked. No pickles."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from quillan.checkpoint import CheckpointError, file_sha256, load_weights, read_json_file
+from quillan.checkpoint import CheckpointError, load_weights, read_json_file, verify_checksums, write_checksums
 from quillan.config import QuillanConfig
 from quillan.export.bnb_layers import Int4Linear, bitsandbytes, int8_from_export, int8_tensors, with_bias
 from quillan.export.convert import attach_grouped_experts, replace_bank, replace_module
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.export.plan import BANKS, VARIANTS
+from quillan.export.stats import size_stats
 from quillan.model import Quillan, rope_tables
 
 WEIGHTS, METADATA, TOKENIZER = "model.safetensors", "metadata.json", "tokenizer.json"
@@ -60,7 +62,9 @@ def export_tensors(model: Quillan) -> dict[str, torch.Tensor]:
 
 def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, str], extra: dict[str, Any],
          tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """Write `model.safetensors`, `metadata.json` (+ tokenizer) into `directory`; returns the metadata."""
+    """Write `model.safetensors`, `metadata.json` (format, plan, shapes, sizes and bits per weight
+    (`stats.size_stats`), plus `extra`), the tokenizer and `checksums.json` of all three into
+    `directory`; returns the metadata."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = export_tensors(model)
@@ -73,13 +77,16 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
         shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
         if isinstance(m, Int4Linear) and (m.inner.out_features, m.inner.in_features) != tuple(shapes[name]):
             stored[name] = [m.inner.out_features, m.inner.in_features]
+    with torch.device("meta"):  # the float model's parameter count, nothing allocated
+        n_params = Quillan(model.cfg).num_parameters()
     meta = {"format": "quillan-export", "variant": variant, "config": model.cfg.to_dict(), "modules": plan,
-            "shapes": shapes, "weights_sha256": file_sha256(directory / WEIGHTS), **extra}
+            "shapes": shapes, **size_stats(directory / WEIGHTS, tensors, shapes, n_params), **extra}
     if stored:  # INT4 layers stored zero-padded for bitsandbytes' CPU kernels (bnb_layers.int4_padded_shape)
         meta["int4_padded_shapes"] = stored
     (directory / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER), pretty=True)
+    write_checksums(directory, [WEIGHTS, METADATA] + ([TOKENIZER] if tokenizer is not None else []))
     return meta
 
 
@@ -88,7 +95,7 @@ def _read_metadata(directory: Path) -> dict[str, Any]:
     meta = read_json_file(path, "a Quillan export")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    for key in ("variant", "config", "modules", "shapes", "weights_sha256"):
+    for key in ("variant", "config", "modules", "shapes"):
         if key not in meta:
             raise CheckpointError(f"{path}: missing key '{key}'")
     if meta["variant"] not in VARIANTS:
@@ -137,12 +144,8 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
         cfg = QuillanConfig(**meta["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: config: {e}") from None
-    if not weights.exists():
-        raise CheckpointError(f"{weights}: file not found")
     # safetensors has no checksum: a flipped bit in tensor data would load silently.
-    if file_sha256(weights) != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights}: sha256 differs from {METADATA}'s weights_sha256: the file is corrupted "
-                              f"or was replaced; re-run the export")
+    verify_checksums(directory)
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own types for truncated/corrupt files

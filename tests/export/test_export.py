@@ -56,6 +56,40 @@ def test_exports_compute_the_trained_ternary_network(base, exported):
             assert (exported[v][0](ids).logits - ref).abs().max() < 0.05 * ref.abs().max(), v
 
 
+def test_metadata_reports_sizes_and_bits_and_one_checksum_file(base, exported):
+    for variant, (_, path) in exported.items():
+        meta = json.loads((path / "metadata.json").read_text())
+        assert meta["bytes_on_disk"] == (path / "model.safetensors").stat().st_size
+        assert meta["parameters"] == base.num_parameters()
+        assert meta["bits_per_weight_overall"] == pytest.approx(8 * meta["bytes_on_disk"] / meta["parameters"])
+        sums = json.loads((path / "checksums.json").read_text())
+        assert sorted(sums) == ["metadata.json", "model.safetensors"], variant
+    # Packed ternary: 1.6 bits per weight, plus per layer a float32 scale and at most one byte
+    # of rounding.
+    tern = json.loads((exported["ternary"][1] / "metadata.json").read_text())
+    weights = sum(math.prod(s) for s in tern["shapes"].values())
+    assert 1.6 <= tern["bits_per_weight_quantized"] <= 1.6 + 8 * (1 + 4) * len(tern["shapes"]) / weights
+    assert json.loads((exported["fp16"][1] / "metadata.json").read_text())["bits_per_weight_quantized"] == 16.0
+
+
+def test_check_trainable_counts_weights_that_get_a_gradient(base):
+    from quillan.data.generators import generate_tasks
+    from quillan.data.tokenizer import train_tokenizer, training_text
+    from quillan.export.stats import check_trainable
+
+    records = generate_tasks(8, 0)
+    tok = train_tokenizer((training_text(r) for r in records), 384)
+    fp16, _ = convert(copy.deepcopy(base), "fp16", ExportConfig())
+    got = check_trainable(fp16, tok, records)
+    assert got["weights"] == sum(p.dim() == 2 for p in fp16.parameters())
+    assert 0 < got["weights_with_gradient"] <= got["weights"]
+    frozen = copy.deepcopy(fp16)
+    for p in frozen.parameters():
+        p.data.zero_()  # all-zero weights and embeddings: every weight's gradient is 0
+    with pytest.raises(ValueError, match="no gradient reached any weight"):
+        check_trainable(frozen, tok, records)
+
+
 def test_storage_types_and_bits(exported):
     import bitsandbytes as bnb
 
@@ -140,7 +174,7 @@ def test_fp16_copy_is_trainable(exported):
 def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
     import shutil
 
-    from quillan.checkpoint import file_sha256
+    from quillan.checkpoint import write_checksums
 
     src = exported["ternary"][1]
     bad = tmp_path / "bad"
@@ -148,7 +182,7 @@ def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
     weights, meta_path = bad / "model.safetensors", bad / "metadata.json"
     original = weights.read_bytes()
     weights.write_bytes(original[: len(original) // 2])  # truncated
-    with pytest.raises(CheckpointError, match="model.safetensors: sha256 differs"):
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 differs from checksums.json"):
         load(bad)
     flipped = bytearray(original)
     flipped[-100] ^= 0x10  # one bit inside the tensor data: safetensors itself would load this
@@ -158,9 +192,7 @@ def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
 
     def rewrite_with_true_checksum(tensors):  # a consistent file whose content is wrong
         save_file(tensors, str(weights))
-        meta = json.loads(meta_path.read_text())
-        meta["weights_sha256"] = file_sha256(weights)
-        meta_path.write_text(json.dumps(meta))
+        write_checksums(bad, ["model.safetensors", "metadata.json"])
 
     weights.write_bytes(original)
     tensors = load_file(str(weights))
@@ -174,12 +206,14 @@ def test_corrupted_exports_fail_with_the_file_named(exported, tmp_path):
     name = next(iter(meta["shapes"]))
     meta["shapes"][name] = [meta["shapes"][name][0] * 2, meta["shapes"][name][1]]  # lies about a shape
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="metadata.json: sha256 differs from checksums.json"):
+        load(bad)  # an edited metadata.json is caught like edited weights
+    write_checksums(bad, ["model.safetensors", "metadata.json"])
     with pytest.raises(CheckpointError, match=name):
-        load(bad)
+        load(bad)  # and with checksums that agree, the shape check names the module
     truncated = bytes(original[: len(original) // 2])
     weights.write_bytes(truncated)
-    meta["weights_sha256"] = file_sha256(weights)
-    meta_path.write_text(json.dumps(meta))
+    write_checksums(bad, ["model.safetensors", "metadata.json"])
     with pytest.raises(CheckpointError, match="model.safetensors: cannot read weights"):
         load(bad)  # a truncated file with a matching checksum still fails as unreadable
 
