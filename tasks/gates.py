@@ -59,6 +59,13 @@ def default_tokenizer(paths: list[Path]) -> Path | None:
     return cand if cand.exists() else None
 
 
+def required_columns() -> list[str]:
+    """The columns every split row must have: the data suite's column set (gates/data.json)."""
+    spec = json.loads((GATES_DIR / "data.json").read_text())
+    return next(e["kwargs"]["column_set"] for e in spec["expectations"]
+                if e["type"] == "expect_table_columns_to_match_set")
+
+
 def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Rows of the given split files plus derived columns, and the suite parameters.
 
@@ -73,9 +80,9 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame({"_file": pd.Series(dtype=str), "_line": pd.Series(dtype=int)})
-    for col in ("id", "prompt", "answer", "target", "domain", "difficulty", "verifier"):
-        if col not in df.columns:
-            df[col] = None
+    missing = [col for col in required_columns() if col not in df.columns]
+    for col in missing:  # filled for the derived columns below, dropped again before validation
+        df[col] = None
     df["_prompt_is_str"] = df["prompt"].map(_is_str)
     df["_answer_is_str"] = df["answer"].map(_is_str)
     df["_n_chars"] = [len(p if _is_str(p) else "") + len(t if _is_str(t) else "")
@@ -94,6 +101,7 @@ def data_frame(paths: list[Path], params: Params, tokenizer: Path | None = None)
     df["_where"] = [f"{f}:{n}" for f, n in zip(df["_file"], df["_line"])]
     df["_show"] = [f"id={i} prompt={(p if _is_str(p) else repr(p))[:60]!r} answer={a!r}"
                    for i, p, a in zip(df["id"], df["prompt"], df["answer"])]
+    df = df.drop(columns=missing)  # so that "missing column" fails, not a column of Nones
     cfg = params.data
     suite_params = {"min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "min_tokens": cfg.min_tokens,
                     "max_tokens": cfg.max_tokens, "max_domain_share_deviation": cfg.max_domain_share_deviation}
@@ -223,6 +231,14 @@ DERIVERS: dict[str, Callable[..., tuple[pd.DataFrame, dict[str, Any]]]] = {
     "data": data_frame, "calibration": calibration_frame, "model": model_frame, "export": export_frame}
 
 
+def _observed(result: dict[str, Any]) -> list[str]:
+    """What a table-level expectation saw: the missing columns, else its observed value."""
+    missing = result.get("details", {}).get("mismatched", {}).get("missing")
+    if missing:
+        return [f"missing: {', '.join(missing)}"]
+    return [json.dumps(result.get("observed_value"), default=str)]
+
+
 def _examples(df: pd.DataFrame, indices: list[int]) -> list[str]:
     return [f"{df.iloc[i]['_where']} {df.iloc[i]['_show']}" for i in indices[:MAX_EXAMPLES]]
 
@@ -247,10 +263,11 @@ def validate(suite: str, paths: list[Path], params: Params, report: Path | None 
 
 
 def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Path | None = None,
-             tokenizer: Path | None = None) -> GateResult:
+             tokenizer: Path | None = None, docs_dir: Path | None = None) -> GateResult:
     """Validate files against a suite; never raises for failing data (see `GateResult.success`).
 
-    `tokenizer` defaults to `default_tokenizer(paths)`.
+    `tokenizer` defaults to `default_tokenizer(paths)`; GX Data Docs go to `docs_dir` (default
+    reports/gates/<suite>/).
     """
     if suite_name not in DERIVERS:
         raise ValueError(f"unknown suite {suite_name!r} (one of: {', '.join(sorted(DERIVERS))})")
@@ -265,7 +282,7 @@ def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Pa
     df, suite_params = DERIVERS[suite_name](paths, params, tok)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
-    docs_dir = REPORTS_DIR / "gates" / suite_name
+    docs_dir = Path(docs_dir) if docs_dir is not None else REPORTS_DIR / "gates" / suite_name
     ctx.add_data_docs_site(site_name="quillan", site_config={
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
@@ -291,7 +308,7 @@ def run_gate(suite_name: str, paths: list[Path], params: Params, report_path: Pa
                 "expectation": conf.type, "column": conf.kwargs.get("column"),
                 "why": (conf.meta or {}).get("why", conf.type.replace("_", " ")),
                 "unexpected_count": int(r.result.get("unexpected_count") or len(idx)),
-                "examples": _examples(df, idx) if idx else [json.dumps(r.result.get("observed_value"), default=str)],
+                "examples": _examples(df, idx) if idx else _observed(r.result),
             })
     result = GateResult(suite=suite_name, success=bool(res.success), rows=len(df), failures=failures,
                         docs=str(docs_dir / "index.html"))

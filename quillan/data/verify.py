@@ -105,8 +105,12 @@ def is_correct(record: dict[str, Any], completion: str) -> bool:
 
 def verify_record(record: dict[str, Any]) -> bool:
     """A record is valid when its answer equals the recomputed one and its target ends in it."""
+    spec = record.get("verifier")
+    if not isinstance(spec, dict):  # missing or null: nothing to recompute the answer from
+        return False
     try:
-        want = expected_answer(record["verifier"])
+        want = expected_answer(spec)
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
         return False
-    return record.get("answer") == want and is_correct(record, record.get("target", ""))
+    target = record.get("target")
+    return record.get("answer") == want and isinstance(target, str) and is_correct(record, target)
