@@ -178,10 +178,11 @@ def on_shared_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torc
     """Each layer applied to x. Where every layer is a BitLinear quantizing activations the same
     way, x is fake-quantized once for all of them (SwiGLU's w1/w3 and attention's q/k/v read one
     input): the same outputs as calling each layer, with one quantization pass instead of several.
-    Other modules (the exports' inference layers) are called as they are."""
+    Other modules (the exports' inference layers), and layers with forward hooks (calibration
+    reads their inputs through hooks, which `project` would bypass), are called as they are."""
     first = layers[0]
     if all(type(m) is BitLinear and (m.quantize and m.act_quant) == (first.quantize and first.act_quant)
-           for m in layers):
+           and not (m._forward_hooks or m._forward_pre_hooks) for m in layers):
         xq = first.quantized_input(x)
         return [m.project(xq) for m in layers]
     return [m(x) for m in layers]

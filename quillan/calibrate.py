@@ -70,19 +70,19 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                   percentiles: list[float], max_samples: int = 200_000) -> dict[str, dict[str, Any]]:
     """Per parameterised module: input-activation absmax and |x| percentiles (over the
     calibration tokens, padding excluded), weight absmean, the share of weights absmean
-    rounding zeroes, and the layer's precision."""
+    rounding zeroes, and the layer's precision.
+
+    Rows run cut to their real tokens, those of one length together: inside the council layers
+    tokens are flattened and routed to experts in subsets, where a padding mask no longer lines
+    up with the rows, so padding is kept out of every module's inputs by never feeding it."""
     acts: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks, plan = [], precision_plan(model)
-    current_mask: list[torch.Tensor] = []
 
     def hook(name):
         def fn(mod, inputs, output):
             x = inputs[0]
-            if not torch.is_floating_point(x):
-                return
-            if x.dim() == 3 and current_mask and x.shape[:2] == current_mask[0].shape:
-                x = x[current_mask[0].bool()]
-            acts[name].append(x.detach().abs().reshape(-1).float())
+            if torch.is_floating_point(x):
+                acts[name].append(x.detach().abs().reshape(-1).float())
         return fn
 
     for name, m in model.named_modules():
@@ -92,8 +92,10 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
     model.eval()
     try:
         for batch in batches:
-            current_mask[:] = [batch["attention_mask"]]
-            model(batch["input_ids"], batch["attention_mask"])
+            rows = [ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            for n in sorted({len(r) for r in rows}):  # rows of one length run together, unpadded
+                same = torch.stack([r for r in rows if len(r) == n])
+                model(same, torch.ones_like(same))
     finally:
         for h in hooks:
             h.remove()

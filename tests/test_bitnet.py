@@ -193,3 +193,9 @@ def test_shared_input_equals_each_layer_on_its_own():
     plain = torch.nn.Linear(8, 2)
     mixed = on_shared_input((layers[0], plain), x)
     assert torch.equal(mixed[1], plain(x)) and torch.equal(mixed[0], layers[0](x))
+    # A hooked layer sees its call (calibration collects activations through forward hooks).
+    seen = []
+    handle = layers[1].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    on_shared_input(layers, x)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], x)

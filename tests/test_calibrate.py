@@ -1,3 +1,4 @@
+import pytest
 import math
 
 import torch
@@ -43,3 +44,21 @@ def test_plan_covers_every_module_with_parameters_and_stats_are_finite():
     assert q["act_p50"] <= q["act_p99"] <= q["act_absmax"] and q["act_scale"] == q["act_absmax"] / 127
     assert 0.2 < q["zero_share"] < 0.45
     assert all(math.isfinite(v) for s in stats.values() for v in s.values() if isinstance(v, float))
+
+
+def test_padding_positions_are_excluded_from_the_statistics():
+    """Right-padded rows give the statistics of the same rows without their padding (attention is
+    causal, so the real positions compute the same values); counting the padding would change them."""
+    torch.manual_seed(0)
+    model = Quillan(QuillanConfig.preset("smoke")).eval()
+    real = torch.randint(4, 384, (4, 6), generator=torch.Generator().manual_seed(1))
+    padded = torch.cat([real, torch.full((4, 4), 383)], dim=1)
+    mask = torch.cat([torch.ones(4, 6, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)], dim=1)
+    with_pad = collect_stats(model, [{"input_ids": padded, "attention_mask": mask}], [50.0, 99.0])
+    without = collect_stats(model, [{"input_ids": real, "attention_mask": torch.ones_like(real)}], [50.0, 99.0])
+    counted = collect_stats(model, [{"input_ids": padded, "attention_mask": torch.ones_like(padded)}], [50.0, 99.0])
+    for name in ("blocks.0.attn.q_proj", "blocks.1.ffn.overseer"):
+        for key in ("act_p50", "act_p99", "act_absmax"):
+            assert with_pad[name][key] == pytest.approx(without[name][key], rel=1e-5), (name, key)
+    assert any(counted[n]["act_p50"] != pytest.approx(without[n]["act_p50"], rel=1e-3) for n in without
+               if "act_p50" in without[n])
