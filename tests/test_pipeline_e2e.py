@@ -2,13 +2,14 @@
 through plain `dvc repro`, side by side; then reproducibility, MLflow, gates, experiments."""
 
 import json
+import math
 import re
 import sys
 
 import pytest
 import yaml
 
-from tests.conftest import run
+from tests.conftest import copy_project, run
 
 pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
@@ -59,7 +60,7 @@ def test_two_clones_produce_byte_identical_artifacts(smoke_runs):
             {k: v for k, v in mb.items() if not TIME_DEPENDENT.search(k)}, name
 
 
-def test_pipeline_flow_dvc_and_gate(smoke_runs):
+def test_pipeline_flow_dvc_and_gate(smoke_runs, tmp_path):
     root, env, (stdout, stderr) = smoke_runs["a"]
     dvc = DVC
 
@@ -73,7 +74,11 @@ def test_pipeline_flow_dvc_and_gate(smoke_runs):
     assert set(lock) >= {"generate", "gate_data", "calibrate", "gate_calibration", "train", "gate_train", "grpo",
                          "gate_grpo", "export", "gate_export", "benchmark"}
     train_metrics = json.loads((root / "metrics/train.json").read_text())
-    assert train_metrics["ternary"]["val_loss"] < 6.0 and "reference" in train_metrics
+    vocab = json.loads((root / "models/train/config.json").read_text())["vocab_size"]
+    # Guessing uniformly scores ln(vocab) nats (5.95 for 384); the smoke run learns well below
+    # it (3.8 measured): at least 1.5 nats better than guessing, for both models.
+    assert train_metrics["ternary"]["val_loss"] < math.log(vocab) - 1.5
+    assert train_metrics["reference"]["val_loss"] < math.log(vocab) - 1.5
     for rel in ("models/train/model.safetensors", "models/train/reference/model.safetensors", "models/calibration.json",
                 "plots/train_loss.png", "plots/train_lambda.png", "plots/train_expert_load.png"):
         assert (root / rel).exists(), rel
@@ -116,6 +121,11 @@ def test_pipeline_flow_dvc_and_gate(smoke_runs):
     assert "| ternary" in (root / "reports/benchmark.md").read_text()
     sample = run([sys.executable, "-m", "flows.cli", "sample", "models/export/ternary", "12+30=", "3+4="], root, env)
     assert sample.stdout.count("\n") == 2  # one completion per prompt
+
+    # What follows changes the project: on a private copy, so the tests sharing clone A (and
+    # their order) do not matter.
+    root, env = copy_project(root, tmp_path / "quillan")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
 
     # 2. Nothing changed: dvc repro runs nothing.
     again = run(dvc + ["repro"], root, env)
@@ -165,8 +175,8 @@ def _ran(proc) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", proc.stdout + proc.stderr))
 
 
-def test_experiments_rerun_exactly_what_a_param_feeds(smoke_runs):
-    root, env, _ = smoke_runs["b"]
+def test_experiments_rerun_exactly_what_a_param_feeds(smoke_runs, tmp_path):
+    root, env = copy_project(smoke_runs["pristine"], tmp_path / "quillan")  # clone B as the run left it
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run(git + ["add", "-A"], root, env)
     run(git + ["commit", "-qm", "smoke run"], root, env)
@@ -196,8 +206,8 @@ def test_experiments_rerun_exactly_what_a_param_feeds(smoke_runs):
     params.write_text(original)
 
 
-def test_failing_gate_fails_the_flow_and_nothing_after_it_runs(smoke_runs):
-    root, env, _ = smoke_runs["b"]
+def test_failing_gate_fails_the_flow_and_nothing_after_it_runs(smoke_runs, tmp_path):
+    root, env = copy_project(smoke_runs["pristine"], tmp_path / "quillan")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

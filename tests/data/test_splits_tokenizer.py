@@ -30,9 +30,15 @@ def test_tokenizer_splits_digits_one_per_token_and_round_trips():
 
 
 def test_build_dataset_tokenizer_trained_on_train_only_and_deterministic():
-    cfg = DataConfig(n_per_domain=90, vocab_size=320)
+    cfg = DataConfig(n_per_domain=90, vocab_size=320, max_tokens=4096)  # no row dropped for length
     a, b = build_dataset(cfg, seed=0), build_dataset(cfg, seed=0)
     assert a.splits == b.splits
     assert a.tokenizer.to_str() == b.tokenizer.to_str()
     assert all(r["n_tokens"] <= cfg.max_tokens for part in a.splits.values() for r in part)
     assert a.report.as_dict()["kept"] == sum(len(p) for p in a.splits.values())
+    # The tokenizer is the one trained on the train split's texts, not on all of them.
+    texts = {name: [training_text(r) for r in part] for name, part in a.splits.items()}
+    from_train = train_tokenizer(texts["train"], cfg.vocab_size, cfg.tokenizer_min_frequency)
+    from_all = train_tokenizer(texts["train"] + texts["val"] + texts["test"], cfg.vocab_size,
+                               cfg.tokenizer_min_frequency)
+    assert a.tokenizer.to_str() == from_train.to_str() != from_all.to_str()
