@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -79,6 +80,22 @@ def _resume(trainer: GRPOTrainer, fp: str) -> tuple[int, list[dict]]:
     return state["step"], state["history"]
 
 
+def _eval_records(path: Path, size: int, seed: int) -> list[dict]:
+    """`size` stratified records of a split file (0: all of them)."""
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"{path}: empty split")
+    return stratified_sample(records, size, seed) if size else records
+
+
+def rollback_tolerance(accuracy: float, count: int, floor: float, z: float) -> float:
+    """The drop in val accuracy that counts as a regression: `floor`, or z standard errors of the
+    difference of two accuracies near `accuracy` on `count` records (sqrt(2·p(1−p)/n), as if
+    independent; the same records make it smaller), whichever is larger. Below it is noise."""
+    se = math.sqrt(2 * accuracy * (1 - accuracy) / max(count, 1))
+    return max(floor, z * se)
+
+
 def _evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, label: str) -> dict:
     with tqdm(total=len(records), desc=f"grpo: accuracy {label}", unit="rec", mininterval=5) as bar:
         return accuracy_by_domain(model, tokenizer, records, max_new_tokens, progress=bar.update)
@@ -110,13 +127,12 @@ def run(params: Params) -> dict:
     if tokenizer is None:
         raise FileNotFoundError(f"{IN_DIR / 'tokenizer.json'}: file not found")
     train = read_jsonl(DATA / "train.jsonl")
-    test = read_jsonl(DATA / "test.jsonl")
-    if not test:
-        raise ValueError(f"{DATA / 'test.jsonl'}: empty split")
-    eval_set = stratified_sample(test, cfg.eval_size, params.seed) if cfg.eval_size else test
+    # The rollback decision reads the val split; the test split is only reported.
+    val_set, eval_set = (_eval_records(DATA / f"{split}.jsonl", cfg.eval_size, params.seed) for split in ("val", "test"))
     history: list[dict] = []
     with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}) as tracker:
-        before = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "before")
+        val_before = _evaluate(model, tokenizer, val_set, cfg.eval_max_new_tokens, "before (val)")
+        before = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "before (test)")
         t0 = time.perf_counter()
         if cfg.enabled and cfg.steps > 0:
             trainer = GRPOTrainer(model, tokenizer, train, cfg, params.seed)
@@ -135,12 +151,16 @@ def run(params: Params) -> dict:
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     _save_checkpoint(trainer, step + 1, history, fp)
         seconds = time.perf_counter() - t0
-        after = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "after") if history else before
-        drop = before["accuracy"] - after["accuracy"]
-        rolled_back = drop > cfg.rollback_tolerance
+        val_after = _evaluate(model, tokenizer, val_set, cfg.eval_max_new_tokens, "after (val)") if history else val_before
+        after = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "after (test)") if history else before
+        drop = val_before["accuracy"] - val_after["accuracy"]
+        tolerance = rollback_tolerance(val_before["accuracy"], val_before["count"], cfg.rollback_tolerance,
+                                       cfg.rollback_z)
+        rolled_back = drop > tolerance
         if rolled_back:
-            print(f"grpo: ROLLBACK — test accuracy fell from {before['accuracy']:.4f} to {after['accuracy']:.4f} "
-                  f"(more than grpo.rollback_tolerance {cfg.rollback_tolerance}); models/grpo keeps the pre-GRPO weights")
+            print(f"grpo: ROLLBACK — val accuracy fell from {val_before['accuracy']:.4f} to {val_after['accuracy']:.4f} "
+                  f"(more than {tolerance:.4f}: grpo.rollback_tolerance {cfg.rollback_tolerance}, or "
+                  f"{cfg.rollback_z} standard errors of the difference); models/grpo keeps the pre-GRPO weights")
             model, _ = load_model_dir(IN_DIR)
         with atomic_path(OUT_DIR) as tmp:
             save_model_dir(tmp, model, tokenizer)
@@ -149,6 +169,7 @@ def run(params: Params) -> dict:
         updated = [h for h in history if not h["skipped"]]
         metrics = {"enabled": cfg.enabled, "steps": len(history), "skipped_steps": len(history) - len(updated),
                    "before": before, "after": after, "accuracy_gain": after["accuracy"] - before["accuracy"],
+                   "val_before": val_before, "val_after": val_after, "rollback_tolerance": tolerance,
                    "rolled_back": rolled_back, "train_seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / max(1, len(history)), 2)}
         if history:
@@ -159,8 +180,9 @@ def run(params: Params) -> dict:
         _write_curves(history)
         for p in _plots(history, before, after):
             tracker.log_artifact(p, "plots")
-        tracker.log_metrics({"final": {k: v for k, v in metrics.items() if k not in ("before", "after")},
-                             "before": before, "after": after})
+        tracker.log_metrics({"final": {k: v for k, v in metrics.items()
+                                       if k not in ("before", "after", "val_before", "val_after")},
+                             "before": before, "after": after, "val_before": val_before, "val_after": val_after})
         tracker.log_artifact(path)
     per_domain = ", ".join(f"{d} {before['by_domain'][d]:.3f}→{after['by_domain'][d]:.3f}" for d in before["by_domain"])
     print(f"grpo: test accuracy {before['accuracy']:.4f} → {after['accuracy']:.4f} ({per_domain})"

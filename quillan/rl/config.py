@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quillan.data.generators import Domain
-from quillan.rl.grpo import AdvantageMode, LossType
+from quillan.rl.grpo import AdvantageMode, ImportanceSamplingLevel, LossType, ScaleRewards
 
 
 class RewardWeights(BaseModel):
@@ -46,6 +46,13 @@ class GRPOConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     advantage: AdvantageMode = Field(
         "grpo", description="group advantage: (R−mean)/std, R−mean (Dr. GRPO), or clip to [0, 1] (seed note 000)")
+    scale_rewards: ScaleRewards = Field(
+        "group", description="std dividing the centred rewards: of each group (GRPO), of the whole batch, "
+                             "or none (Dr. GRPO); TRL's scale_rewards")
+    importance_sampling_level: ImportanceSamplingLevel = Field(
+        "token", description="policy ratio per token (GRPO/DAPO) or one length-normalised ratio per sequence, "
+                             "clipped as a whole (GSPO, arXiv 2507.18071; GSPO clips with ε ≈ 3e-4/4e-4); "
+                             "TRL's importance_sampling_level")
     loss_type: LossType = Field("dapo", description="aggregation over tokens")
     eps_low: float = Field(0.2, gt=0, lt=1, description="lower clip ε_low of the ratio")
     eps_high: float = Field(0.28, gt=0, description="upper clip ε_high of the ratio (clip-higher)")
@@ -55,14 +62,21 @@ class GRPOConfig(BaseModel):
     overlong_cache: int = Field(0, ge=0, description="L_cache: DAPO soft overlong zone, tokens (0: off)")
     dynamic_sampling: bool = Field(True, description="drop all-equal-reward groups and draw more prompts")
     max_draws: int = Field(3, ge=1, description="rollout draws per step at most, with dynamic sampling")
-    eval_size: int = Field(0, ge=0, description="test records for before/after accuracy (0: the whole split)")
+    eval_size: int = Field(0, ge=0, description="stratified records of val (the rollback decision) and of test "
+                                                "(reported) for before/after accuracy (0: the whole split)")
     eval_max_new_tokens: int = Field(64, ge=1, description="greedy decoding budget of the accuracy evaluation")
     rollback_tolerance: float = Field(0.01, ge=0, le=1,
-                                      description="keep the pre-GRPO weights if accuracy drops by more than this")
+                                      description="keep the pre-GRPO weights if val accuracy drops by more than this "
+                                                  "(and by more than rollback_z standard errors)")
+    rollback_z: float = Field(1.96, ge=0, description="standard errors of the val accuracy difference a drop must "
+                                                      "exceed to roll back (0: the fixed tolerance alone)")
     checkpoint_every: int = Field(20, ge=1, description="resumable checkpoint every N steps")
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
+        if self.advantage == "dr_grpo" and "scale_rewards" in self.model_fields_set and self.scale_rewards != "none":
+            raise ValueError(f"advantage 'dr_grpo' divides by no std; it contradicts scale_rewards "
+                             f"{self.scale_rewards!r} (set scale_rewards: none, or advantage: grpo)")
         if self.overlong_cache >= self.max_new_tokens:
             raise ValueError(f"overlong_cache ({self.overlong_cache}) must be < max_new_tokens ({self.max_new_tokens})")
         return self

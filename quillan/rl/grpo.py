@@ -19,48 +19,69 @@ AdvantageMode = Literal["grpo", "dr_grpo", "positive_clip"]
 ADVANTAGE_MODES = get_args(AdvantageMode)
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 LOSS_TYPES = get_args(LossType)
+# TRL's GRPOConfig names: the std that scales centred rewards, and where the ratio is taken.
+ScaleRewards = Literal["group", "batch", "none"]
+SCALE_REWARDS = get_args(ScaleRewards)
+ImportanceSamplingLevel = Literal["token", "sequence"]
+IMPORTANCE_SAMPLING_LEVELS = get_args(ImportanceSamplingLevel)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo", eps: float = 1e-6,
+                     scale: str = "group") -> torch.Tensor:
     """Per-sequence advantages (B·G,) from flat rewards (B·G,), G completions per prompt in a row.
 
-    grpo: (R − mean_g) / (std_g + eps) with the sample std (as TRL); dr_grpo: R − mean_g;
-    positive_clip: clip((R − mean_g) / (std_g + eps), 0, 1) (seed note 000: only better-than-
-    average samples learn). A group whose rewards are all equal gets 0 in every mode.
+    Centred rewards R − mean_g are divided by `scale`'s std + eps: `group`, the sample std of
+    each group (GRPO, as TRL's default); `batch`, the sample std of all B·G rewards (TRL's
+    scale_rewards="batch"); `none`, no division (Dr. GRPO, Liu et al. 2025 §3.1). Modes: grpo,
+    that; dr_grpo, R − mean_g whatever `scale` says; positive_clip, clip(that, 0, 1) (seed note
+    000: only better-than-average samples learn). A group whose rewards are all equal gets 0.
     """
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"unknown advantage mode {mode!r} (one of: {', '.join(ADVANTAGE_MODES)})")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown reward scaling {scale!r} (one of: {', '.join(SCALE_REWARDS)})")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.float().view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
-    if mode == "dr_grpo":
+    if mode == "dr_grpo" or scale == "none":
         adv = centred
     else:
-        adv = centred / (std + eps)
-        if mode == "positive_clip":
-            adv = adv.clamp(0.0, 1.0)
+        adv = centred / ((std if scale == "group" else r.std()) + eps)
+    if mode == "positive_clip":
+        adv = adv.clamp(0.0, 1.0)
     adv = torch.where(std > 0, adv, torch.zeros_like(adv))
     return adv.reshape(-1)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 loss_type: str, eps_low: float = 0.2, eps_high: float = 0.28, ref_logp: torch.Tensor | None = None,
-                beta: float = 0.0, max_len: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                beta: float = 0.0, max_len: int | None = None,
+                level: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-surrogate policy loss over completion tokens.
 
     Per token: r = exp(logp − old_logp), ℓ = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A)
-    (+ β·(exp(ref − logp) − (ref − logp) − 1) with a reference). Aggregation by `loss_type`:
-    grpo — mean over each sequence's tokens, then over sequences; dapo — sum over all tokens /
-    all tokens; dr_grpo — sum / (B · max_len) (max_len defaults to T).
+    (+ β·(exp(ref − logp) − (ref − logp) − 1) with a reference). With `level="sequence"` (GSPO,
+    Zheng et al. 2025, arXiv 2507.18071, eq. 5-7) every token of sequence i uses the sequence's
+    length-normalised ratio s_i = exp(mean over its tokens of (logp − old_logp)), so a sequence is
+    clipped as a whole (as TRL's importance_sampling_level="sequence"). Aggregation by
+    `loss_type`: grpo — mean over each sequence's tokens, then over sequences; dapo — sum over all
+    tokens / all tokens; dr_grpo — sum / (B · max_len) (max_len defaults to T).
     Returns (loss, stats) with stats clip_low, clip_high (shares of tokens), ratio_mean, kl.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss type {loss_type!r} (one of: {', '.join(LOSS_TYPES)})")
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance sampling level {level!r} "
+                         f"(one of: {', '.join(IMPORTANCE_SAMPLING_LEVELS)})")
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype)[:, None]
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+                     ).expand_as(logp)
+    ratio = torch.exp(log_ratio)
     per_tok = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
     kl = torch.zeros_like(per_tok)
     if ref_logp is not None and beta > 0:

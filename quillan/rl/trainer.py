@@ -125,7 +125,7 @@ class GRPOTrainer:
         torch.manual_seed(self.seed * 7919 + step)  # the diffusion denoiser's noise in train mode
         groups, stats = self.rollouts(step)
         batch = pack_groups(groups, self.pad_id) if groups else None
-        adv = group_advantages(batch["rewards"], c.group_size, c.advantage) if batch else None
+        adv = group_advantages(batch["rewards"], c.group_size, c.advantage, scale=c.scale_rewards) if batch else None
         if batch is None or not bool((adv != 0).any()):
             return {**stats, "skipped": 1.0, "seconds": time.perf_counter() - t0}
         self.model.train()
@@ -144,7 +144,7 @@ class GRPOTrainer:
             old = old_logp if old_logp is not None else logp.detach()  # μ = 1: ratio 1, gradient of A·logp
             pl, pstats = policy_loss(logp, old, adv, mask, loss_type=c.loss_type, eps_low=c.eps_low,
                                      eps_high=c.eps_high, ref_logp=ref_logp, beta=c.beta,
-                                     max_len=c.max_new_tokens)
+                                     max_len=c.max_new_tokens, level=c.importance_sampling_level)
             entropy = council_entropy(alphas, mask)
             loss = pl - c.council_entropy_bonus * entropy
             if not torch.isfinite(loss):

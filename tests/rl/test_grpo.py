@@ -125,3 +125,52 @@ def test_grpo_raises_reward_on_a_toy_verifiable_task():
             loss.backward()
             opt.step()
     assert means[0] < 0.35 and sum(means[-5:]) / 5 > 0.8, means  # chance is 0.2
+
+
+def test_scale_rewards_group_batch_none_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0, 0.0])
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 2.25, -0.75, -0.75, -0.75])
+    group_std = torch.tensor([math.sqrt(1 / 3)] * 4 + [1.5] * 4)  # sample stds of (1,0,0,1) and (3,0,0,0)
+    batch_std = r.std()  # one std over all eight rewards
+    assert torch.allclose(group_advantages(r, 4, scale="group"), centred / (group_std + 1e-6), atol=1e-5)
+    assert torch.allclose(group_advantages(r, 4, scale="batch"), centred / (batch_std + 1e-6), atol=1e-5)
+    assert torch.allclose(group_advantages(r, 4, scale="none"), centred)
+    assert torch.equal(group_advantages(r, 4, "dr_grpo", scale="batch"), group_advantages(r, 4, scale="none"))
+    # Batch scaling keeps the groups' relative sizes: the second group's spread counts for more.
+    b = group_advantages(r, 4, scale="batch")
+    assert b[4] / b[0] == pytest.approx(2.25 / 0.5)
+    with pytest.raises(ValueError, match="unknown reward scaling 'prompt'"):
+        group_advantages(r, 4, scale="prompt")
+
+
+def test_sequence_level_importance_ratio_by_hand():
+    """GSPO: one ratio per sequence, the exp of the mean token log-ratio, clipped as a whole."""
+    logp, old, adv, mask = _batch()
+    s1 = math.exp((math.log(1.0) + math.log(1.5) + math.log(0.5)) / 3)   # 0.9086
+    s2 = math.exp((math.log(1.0) + math.log(0.7)) / 2)                   # 0.8367 (third token masked)
+    # A = +1: −min(s1, clip(s1)) = −s1 per token; A = −1: −min(−s2, −clip(s2)) = max(s2, 0.8) = s2.
+    loss, stats = policy_loss(logp, old, adv, mask, loss_type="dapo", level="sequence")
+    assert loss.item() == pytest.approx((-3 * s1 + 2 * s2) / 5, abs=1e-6)
+    assert stats["ratio_mean"] == pytest.approx((3 * s1 + 2 * s2) / 5, abs=1e-6)
+    # A tighter clip binds for the whole second sequence: s2 < 1 − 0.1 with A < 0.
+    loss, stats = policy_loss(logp, old, adv, mask, loss_type="dapo", level="sequence", eps_low=0.1, eps_high=0.1)
+    assert loss.item() == pytest.approx((-3 * s1 + 2 * 0.9) / 5, abs=1e-6)
+    assert stats["clip_low"] == pytest.approx(2 / 5)
+    # The gradient reaches every token of a sequence equally: d/d logp_t of s_i·A_i/|y_i|·... is s_i·A/(n·|y_i|).
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = policy_loss(lp, old, adv, mask, loss_type="dapo", level="sequence")
+    loss.backward()
+    assert torch.allclose(lp.grad[0], torch.full((3,), -s1 * 3 / (5 * 3)), atol=1e-6)
+    assert torch.allclose(lp.grad[1, :2], torch.full((2,), s2 * 2 / (5 * 2)), atol=1e-6)
+    assert lp.grad[1, 2] == 0.0
+    with pytest.raises(ValueError, match="unknown importance sampling level"):
+        policy_loss(logp, old, adv, mask, loss_type="dapo", level="group")
+
+
+def test_config_rejects_dr_grpo_with_a_std_scaling():
+    from quillan.rl.config import GRPOConfig
+
+    assert GRPOConfig(advantage="dr_grpo").scale_rewards == "group"  # the default does not conflict
+    GRPOConfig(advantage="dr_grpo", scale_rewards="none")
+    with pytest.raises(ValueError, match="contradicts scale_rewards 'batch'"):
+        GRPOConfig(advantage="dr_grpo", scale_rewards="batch")

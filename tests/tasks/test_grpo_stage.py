@@ -61,10 +61,20 @@ def test_regressed_model_is_rolled_back(trained_project):
     root, env = trained_project
     # A learning rate this large wrecks the policy; the gate must keep the trained weights.
     proc = run(GRPO + ["--set", "grpo.lr=0.5", "--set", "grpo.lr_warmup_steps=0", "--set", "grpo.eval_size=64",
-                       "--set", "grpo.rollback_tolerance=0.0"], root, env)
+                       "--set", "grpo.rollback_tolerance=0.0", "--set", "grpo.rollback_z=0"], root, env)
     metrics = json.loads((root / "metrics/grpo.json").read_text())
-    before, after = metrics["before"]["accuracy"], metrics["after"]["accuracy"]
-    assert after < before, (before, after)  # deterministic on the smoke preset
+    before, after = metrics["val_before"]["accuracy"], metrics["val_after"]["accuracy"]
+    assert after < before, (before, after)  # deterministic on the smoke preset; the decision reads val
     assert metrics["rolled_back"] is True and "ROLLBACK" in proc.stdout
     assert _md5(root / "models/grpo/model.safetensors") == _md5(root / "models/train/model.safetensors")
     assert json.loads((root / "models/grpo/grpo.json").read_text())["rolled_back"] is True
+
+
+def test_rollback_tolerance_is_the_floor_or_z_standard_errors():
+    from tasks.grpo import rollback_tolerance
+
+    # p = 0.5 on 512 records: SE of a difference sqrt(2 · 0.25 / 512) = 0.03125
+    assert rollback_tolerance(0.5, 512, 0.01, 1.96) == pytest.approx(1.96 * 0.03125)
+    assert rollback_tolerance(0.5, 512, 0.10, 1.96) == 0.10       # the floor when larger
+    assert rollback_tolerance(0.5, 512, 0.01, 0.0) == 0.01        # z = 0: the fixed tolerance alone
+    assert rollback_tolerance(0.0, 512, 0.0, 1.96) == 0.0         # nothing to lose: any drop counts
