@@ -149,3 +149,36 @@ def test_learnability_sampling_prefers_tasks_with_mixed_outcomes(setup):
     uniform = _trainer(setup, prompt_sampling="uniform", prompts_per_step=2)
     u_share = sum(f"{r['domain']}/{r['task']}" == mixed for s in range(100) for r in uniform.draw_prompts(s, 0)) / 200
     assert u_share < share / 3
+
+
+def test_trainer_step_raises_the_reward_of_a_toy_verifier():
+    """GRPOTrainer.step itself, end to end: a smoke model first taught to answer "1" or "2" about
+    equally (a few supervised steps), then GRPO steps rewarding "1" only. The rollout reward
+    must rise well above its start; a sign error in advantages, ratio or loss would lower it."""
+    from quillan.train.data import TokenizedRecords, collate, masked_ce
+
+    words = ["apple", "river", "stone", "cloud", "garden", "planet", "silver", "winter"]
+    records = [{"prompt": f"Pick one: {a} {b}", "answer": "1", "target": "1", "domain": "math", "task": "toy"}
+               for a in words for b in words]
+    tok = train_tokenizer((training_text(r) for r in records + [{"prompt": "", "target": "2"}]), vocab_size=270)
+    torch.manual_seed(0)
+    model = Quillan(QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size(), diffusion_steps=0))
+    # Supervised warm start on a 50/50 mixture of the answers "1" and "2".
+    mixed = [{**r, "target": "1" if i % 2 else "2"} for i, r in enumerate(records)]
+    data = TokenizedRecords(mixed, tok, model.cfg.max_seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        rows = [data[(step * 16 + k) % len(data)] for k in range(16)]
+        batch = collate(rows, data.pad_id)
+        loss = masked_ce(model(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
+        opt.zero_grad(), loss.backward(), opt.step()
+    # No council entropy bonus: here (top-1 of 2 members) it drives the overseer to a tie (H → ln 2)
+    # where the hard routing flips, and the reward fell from 0.48 to 0.05 before recovering.
+    cfg = GRPOConfig(steps=12, prompts_per_step=8, group_size=8, max_new_tokens=3, lr=1e-3, lr_warmup_steps=0,
+                     rewards=RewardWeights(correct=1.0, format=0.0, error=0.0), max_draws=2,
+                     council_entropy_bonus=0.0)
+    trainer = GRPOTrainer(model, tok, records, cfg, seed=0)
+    rewards = [trainer.step(s)["reward_mean"] for s in range(cfg.steps)]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert 0.2 < first < 0.8, rewards  # the warm start answers "1" about half the time
+    assert last > first + 0.2 and last > 0.8, rewards
