@@ -131,8 +131,8 @@ def run(params: Params) -> dict:
     val_set, eval_set = (_eval_records(DATA / f"{split}.jsonl", cfg.eval_size, params.seed) for split in ("val", "test"))
     history: list[dict] = []
     with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}) as tracker:
-        val_before = _evaluate(model, tokenizer, val_set, cfg.eval_max_new_tokens, "before (val)")
-        before = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "before (test)")
+        val_before = _evaluate(model, tokenizer, val_set, cfg.eval_tokens, "before (val)")
+        before = _evaluate(model, tokenizer, eval_set, cfg.eval_tokens, "before (test)")
         t0 = time.perf_counter()
         if cfg.enabled and cfg.steps > 0:
             trainer = GRPOTrainer(model, tokenizer, train, cfg, params.seed)
@@ -151,8 +151,8 @@ def run(params: Params) -> dict:
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     _save_checkpoint(trainer, step + 1, history, fp)
         seconds = time.perf_counter() - t0
-        val_after = _evaluate(model, tokenizer, val_set, cfg.eval_max_new_tokens, "after (val)") if history else val_before
-        after = _evaluate(model, tokenizer, eval_set, cfg.eval_max_new_tokens, "after (test)") if history else before
+        val_after = _evaluate(model, tokenizer, val_set, cfg.eval_tokens, "after (val)") if history else val_before
+        after = _evaluate(model, tokenizer, eval_set, cfg.eval_tokens, "after (test)") if history else before
         drop = val_before["accuracy"] - val_after["accuracy"]
         tolerance = rollback_tolerance(val_before["accuracy"], val_before["count"], cfg.rollback_tolerance,
                                        cfg.rollback_z)

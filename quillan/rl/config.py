@@ -64,13 +64,20 @@ class GRPOConfig(BaseModel):
     max_draws: int = Field(3, ge=1, description="rollout draws per step at most, with dynamic sampling")
     eval_size: int = Field(0, ge=0, description="stratified records of val (the rollback decision) and of test "
                                                 "(reported) for before/after accuracy (0: the whole split)")
-    eval_max_new_tokens: int = Field(64, ge=1, description="greedy decoding budget of the accuracy evaluation")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="greedy decoding budget of the accuracy evaluation (null: max_new_tokens, one budget "
+                                "for rollouts and evaluation, so every answer the model is scored on can also earn reward)")
     rollback_tolerance: float = Field(0.01, ge=0, le=1,
                                       description="keep the pre-GRPO weights if val accuracy drops by more than this "
                                                   "(and by more than rollback_z standard errors)")
     rollback_z: float = Field(1.96, ge=0, description="standard errors of the val accuracy difference a drop must "
                                                       "exceed to roll back (0: the fixed tolerance alone)")
     checkpoint_every: int = Field(20, ge=1, description="resumable checkpoint every N steps")
+
+    @property
+    def eval_tokens(self) -> int:
+        """The evaluation's decoding budget (eval_max_new_tokens, else max_new_tokens)."""
+        return self.eval_max_new_tokens or self.max_new_tokens
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
