@@ -24,6 +24,10 @@ def _locked_outs(root):
 def test_second_run_gets_the_lock_error_and_nothing_is_damaged(generated_project, tmp_path):
     root, env = copy_project(generated_project[0], tmp_path / "quillan")
     before = _locked_outs(root)
+    # The smoke train stage takes seconds: the first run waits 45 s inside its stage command (with
+    # DVC's locks held) so the second run and the flow are sure to meet it, however fast training is.
+    dvc_yaml = root / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("cmd: quillan stage train", "cmd: sleep 45 && quillan stage train", 1))
     log = root / ".first-run.log"
     with log.open("w") as out:
         # The first run: re-runs train (same bytes, deterministic) and holds the repo lock meanwhile.
