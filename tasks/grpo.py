@@ -88,17 +88,31 @@ def _eval_records(path: Path, size: int, seed: int) -> list[dict]:
     return stratified_sample(records, size, seed) if size else records
 
 
-def rollback_tolerance(accuracy: float, count: int, floor: float, z: float) -> float:
+def rollback_tolerance(before: list[int], after: list[int], floor: float, z: float) -> float:
     """The drop in val accuracy that counts as a regression: `floor`, or z standard errors of the
-    difference of two accuracies near `accuracy` on `count` records (sqrt(2·p(1−p)/n), as if
-    independent; the same records make it smaller), whichever is larger. Below it is noise."""
-    se = math.sqrt(2 * accuracy * (1 - accuracy) / max(count, 1))
-    return max(floor, z * se)
+    paired difference, whichever is larger. `before`/`after` are the 0/1 outcomes of the same
+    records; the difference's standard error is that of the mean of d_i = after_i − before_i,
+    sqrt(var(d)/n) with the sample variance: records both models get right or wrong add nothing,
+    so it is far smaller than for two independent samples. Below the tolerance is noise."""
+    n = len(before)
+    if n != len(after):
+        raise ValueError(f"{n} outcomes before, {len(after)} after: not the same records")
+    if n < 2:
+        return floor
+    d = [a - b for a, b in zip(after, before)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return max(floor, z * math.sqrt(var / n))
 
 
 def _evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, label: str) -> dict:
     with tqdm(total=len(records), desc=f"grpo: accuracy {label}", unit="rec", mininterval=5) as bar:
         return accuracy_by_domain(model, tokenizer, records, max_new_tokens, progress=bar.update)
+
+
+def _summary(acc: dict) -> dict:
+    """An evaluation without its per-record outcomes (what metrics and MLflow keep)."""
+    return {k: v for k, v in acc.items() if k != "outcomes"}
 
 
 def _write_curves(history: list[dict]) -> None:
@@ -154,7 +168,7 @@ def run(params: Params) -> dict:
         val_after = _evaluate(model, tokenizer, val_set, cfg.eval_tokens, "after (val)") if history else val_before
         after = _evaluate(model, tokenizer, eval_set, cfg.eval_tokens, "after (test)") if history else before
         drop = val_before["accuracy"] - val_after["accuracy"]
-        tolerance = rollback_tolerance(val_before["accuracy"], val_before["count"], cfg.rollback_tolerance,
+        tolerance = rollback_tolerance(val_before["outcomes"], val_after["outcomes"], cfg.rollback_tolerance,
                                        cfg.rollback_z)
         rolled_back = drop > tolerance
         if rolled_back:
@@ -168,8 +182,10 @@ def run(params: Params) -> dict:
                                            "rolled_back": rolled_back, "source": "models/train"})
         updated = [h for h in history if not h["skipped"]]
         metrics = {"enabled": cfg.enabled, "steps": len(history), "skipped_steps": len(history) - len(updated),
-                   "before": before, "after": after, "accuracy_gain": after["accuracy"] - before["accuracy"],
-                   "val_before": val_before, "val_after": val_after, "rollback_tolerance": tolerance,
+                   "before": _summary(before), "after": _summary(after),
+                   "accuracy_gain": after["accuracy"] - before["accuracy"],
+                   "val_before": _summary(val_before), "val_after": _summary(val_after),
+                   "rollback_tolerance": tolerance,
                    "rolled_back": rolled_back, "train_seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / max(1, len(history)), 2)}
         if history:
@@ -178,11 +194,11 @@ def run(params: Params) -> dict:
             metrics["rollout_reward_last_fifth"] = sum(h["reward_mean"] for h in last) / len(last)
         path = write_metrics("grpo", metrics)
         _write_curves(history)
-        for p in _plots(history, before, after):
+        for p in _plots(history, metrics["before"], metrics["after"]):
             tracker.log_artifact(p, "plots")
         tracker.log_metrics({"final": {k: v for k, v in metrics.items()
                                        if k not in ("before", "after", "val_before", "val_after")},
-                             "before": before, "after": after, "val_before": val_before, "val_after": val_after})
+                             **{k: metrics[k] for k in ("before", "after", "val_before", "val_after")}})
         tracker.log_artifact(path)
     per_domain = ", ".join(f"{d} {before['by_domain'][d]:.3f}→{after['by_domain'][d]:.3f}" for d in before["by_domain"])
     print(f"grpo: test accuracy {before['accuracy']:.4f} → {after['accuracy']:.4f} ({per_domain})"

@@ -43,3 +43,13 @@ def test_accuracy_by_domain_counts_every_family_and_difficulty():
     assert acc["count"] == 3 and acc["task_counts"] == {"reasoning/max": 2, "writing/upper": 1}
     assert set(acc["by_difficulty"]) == {"1", "2", "3"} and set(acc["by_task"]) == {task_of(r) for r in recs}
     assert acc["interval95"][0] <= acc["accuracy"] <= acc["interval95"][1]
+    # Per-record outcomes in the order given (evaluation sorts by prompt length internally): a
+    # record whose answer is what the model writes scores 1 wherever it stands.
+    from quillan.data.tokenizer import prompt_text
+    from quillan.data.verify import extract_answer
+    from quillan.inference import complete
+
+    written = extract_answer(complete(model, tok, [prompt_text(recs[2])], 4)[0])
+    mixed = [recs[0], {**recs[2], "answer": written}, recs[1]]
+    got = accuracy_by_domain(model, tok, mixed, max_new_tokens=4)
+    assert got["outcomes"][1] == 1 and sum(got["outcomes"]) == got["correct"] and len(got["outcomes"]) == 3

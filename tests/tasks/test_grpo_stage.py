@@ -83,11 +83,20 @@ def test_regressed_model_is_rolled_back(trained_project, tmp_path):
     assert json.loads((root / "models/grpo/grpo.json").read_text())["rolled_back"] is True
 
 
-def test_rollback_tolerance_is_the_floor_or_z_standard_errors():
+def test_rollback_tolerance_is_the_floor_or_z_paired_standard_errors():
+    import math
+
     from tasks.grpo import rollback_tolerance
 
-    # p = 0.5 on 512 records: SE of a difference sqrt(2 · 0.25 / 512) = 0.03125
-    assert rollback_tolerance(0.5, 512, 0.01, 1.96) == pytest.approx(1.96 * 0.03125)
-    assert rollback_tolerance(0.5, 512, 0.10, 1.96) == 0.10       # the floor when larger
-    assert rollback_tolerance(0.5, 512, 0.01, 0.0) == 0.01        # z = 0: the fixed tolerance alone
-    assert rollback_tolerance(0.0, 512, 0.0, 1.96) == 0.0         # nothing to lose: any drop counts
+    # 512 records: 30 lost, 18 gained, the rest unchanged. d has mean -12/512 and sample variance
+    # (48 − 512·(12/512)²) / 511; its standard error sqrt(var / 512).
+    before = [1] * 30 + [0] * 18 + [1] * 100 + [0] * 364
+    after = [0] * 30 + [1] * 18 + [1] * 100 + [0] * 364
+    se = math.sqrt((48 - 12**2 / 512) / 511 / 512)
+    assert rollback_tolerance(before, after, 0.01, 1.96) == pytest.approx(1.96 * se)  # 0.0266
+    # Unpaired, two accuracies near 0.25 on 512 records would give 1.96 · 0.0271 = 0.053.
+    assert rollback_tolerance(before, after, 0.10, 1.96) == 0.10       # the floor when larger
+    assert rollback_tolerance(before, after, 0.01, 0.0) == 0.01        # z = 0: the fixed tolerance alone
+    assert rollback_tolerance(before, before, 0.0, 1.96) == 0.0        # nothing changed: any drop counts
+    with pytest.raises(ValueError, match="not the same records"):
+        rollback_tolerance(before, after[:-1], 0.0, 1.96)
