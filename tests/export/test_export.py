@@ -331,3 +331,15 @@ def test_int4_export_of_shapes_bitsandbytes_does_not_block(tmp_path):
         src = base.get_submodule(name).ternary_weight()
         assert dequantized_weight(m).shape == src.shape
         assert (dequantized_weight(m) - src).norm() < 0.2 * src.norm(), name  # NF4 of the ternary weights
+
+
+def test_memory_probe_and_size_of_a_stored_export(exported):
+    """A fresh process loads the export and reports its peak RSS; size and bits come from disk."""
+    from quillan.export.memory import peak_rss, size_and_bits
+
+    model, path = exported["ternary"]
+    rss = peak_rss(path)
+    assert rss["peak_rss_bytes"] > rss["model_rss_bytes"] > 0
+    size, bits = size_and_bits(path, model)
+    assert size == (path / "model.safetensors").stat().st_size
+    assert bits == json.loads((path / "metadata.json").read_text())["bits_per_weight_overall"]
