@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,24 @@ from quillan.machine import cpu_info
 from tasks.common import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: float = 4.0) -> dict[str, float]:
+    """Median ms of each callable, timed in rounds that call every one once (after one warm-up
+    call each), so a clock or load drift during the run shifts all of them alike. Stops after
+    `rounds` rounds, or earlier (5 at least) once `budget_s` seconds have passed."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+from quillan import kernels
 from quillan.bitnet import bit_linears
 from quillan.checkpoint import load_model_dir
 from quillan.export import KERNELS, convert, save
@@ -52,6 +53,8 @@ def run(params: Params) -> dict:
             model, plan = convert(copy.deepcopy(source), variant, cfg)
             extra = {"source": "models/grpo", "kernels": {p: KERNELS[p] for p in sorted(set(plan.values()))},
                      "act_quant": source.cfg.act_quant, **layer_stats(source, model, plan)}
+            if "ternary" in plan.values():  # the instruction path of the machine that exported (and measured) it
+                extra["ternary_kernel_path"] = kernels.path() or f"none ({kernels.unavailable_reason()})"
             if variant == "fp16":
                 extra["trainable_check"] = check_trainable(model, tokenizer, val)
             meta = save(model, tmp / variant, variant, plan, extra, tokenizer)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from quillan import kernels
 from tests.conftest import copy_project, run
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,8 @@ def test_two_clones_produce_byte_identical_artifacts(smoke_runs):
     for out in ("data/generated", "data/tokenizer.json", "models/calibration.json", "models/train", "models/grpo",
                 "models/export"):
         assert out not in differing
+    meta = json.loads((a / "models/export/ternary/metadata.json").read_text())
+    assert meta["ternary_kernel_path"] == (kernels.path() or f"none ({kernels.unavailable_reason()})")
     for name in ("generate", "calibrate", "train", "grpo", "export", "benchmark"):
         ma = dict(_leaves(json.loads((a / f"metrics/{name}.json").read_text())))
         mb = dict(_leaves(json.loads((b / f"metrics/{name}.json").read_text())))

@@ -6,12 +6,14 @@ activations (BitNet §2) and an exact integer product: the same numbers as `BitL
 mode. No float copy of the weights exists between calls.
 
 Kernel paths (`TernaryLinear.PATHS`), all giving bit-identical outputs:
-- `native`: the C++ kernel reading the packed weights directly (AVX2 maddubs on 2-bit codes),
-  fused with the activation quantization; one call per layer. The default where it builds.
+- `native`: the C++ kernel reading the packed weights directly (AVX-512 VNNI `vpdpbusd` or AVX2
+  `maddubs` on 2-bit codes, by the CPU: `quillan.kernels.path()`), fused with the activation
+  quantization; one call per layer. The default where it builds.
 - `float`: PyTorch only: codes unpacked per call to an integer-valued float32 matrix, float GEMM
   (exact while in_features · 127 < 2^24). The fallback where the kernel cannot be built.
-- `int_mm`: PyTorch only: codes unpacked per call to int8, `torch._int_mm`. Measured by
-  `bench/linear.py`; 4-81x slower than `float` on this 2-core AVX2 CPU, so never chosen.
+- `int_mm`: PyTorch only: codes unpacked per call to a transposed int8 copy, then `torch._int_mm`;
+  the per-call copy makes it slow (bench/linear.py's `ternary_int_mm_ms`), so never chosen. A layer
+  holding int8 weights (`int8_held_ms` there) is the int8 ceiling, at 4× the ternary bytes.
 
 `GroupedTernarySwiGLU` runs every expert of a council layer with three native calls in all
 (w1, w3, w2 of all experts at once) instead of three per expert.

@@ -68,8 +68,8 @@ def variant_plan(model: Quillan, variant: str, cfg: ExportConfig) -> dict[str, s
 # What computes each precision on the CPU (recorded in metadata.json).
 KERNELS = {
     "ternary": "quillan TernaryLinear: 2-bit packed weights read directly by the native C++ kernel "
-               "(AVX2, int8 activations, exact integer product); PyTorch integer-valued float32 GEMM "
-               "where the kernel cannot be built",
+               "(AVX-512 VNNI, AVX2 or scalar by the CPU: ternary_kernel_path; int8 activations, exact integer "
+               "product); PyTorch integer-valued float32 GEMM where the kernel cannot be built",
     "int8": "bitsandbytes Linear8bitLt (LLM.int8, CPU backend int8_scaled_mm); micro-agent banks: "
             "PyTorch int8 rows with per-row scales (bitsandbytes has no module for parameter banks)",
     "int4": "bitsandbytes Linear4bit (blockwise NF4/FP4) on a weight zero-padded to 32 rows and 64-weight "

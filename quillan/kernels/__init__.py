@@ -1,8 +1,9 @@
 """Native W1.58A8 kernels for packed ternary weights (`ternary.cpp`), loaded with ctypes.
 
 The shared library is compiled from `ternary.cpp` with the system C++ compiler (`-O3
--march=native -fopenmp`; `QUILLAN_KERNEL_ARCH` sets another `-march`, e.g. `x86-64` for the
-portable scalar path without AVX2) by `make install` (`python -m quillan.kernels`), or on first use, into
+-march=native -fopenmp`, so the library takes the widest instruction path this CPU has:
+AVX-512 VNNI, AVX2 or scalar, named by `path()`; `QUILLAN_KERNEL_ARCH` sets another `-march`,
+e.g. `haswell` for the AVX2 path or `x86-64` for the scalar one) by `make install` (`python -m quillan.kernels`), or on first use, into
 a cache keyed by the source, the flags and this CPU's feature flags
 (`$QUILLAN_KERNEL_CACHE`, default `~/.cache/quillan/kernels`). Where it cannot be built, `library()`
 returns None after one warning and callers use PyTorch's int8 path.
@@ -30,6 +31,7 @@ from quillan.machine import cpu_flags
 SOURCE = Path(__file__).with_name("ternary.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
+PATHS = ("avx512_vnni", "avx2", "scalar")  # ternary.cpp's instruction paths, widest first
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -78,10 +80,11 @@ def build(force: bool = False) -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.qk_version.restype = i32
-    lib.qk_has_avx2.restype = i32
+    lib.qk_path.restype = ctypes.c_char_p
     lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
     lib.qk_grouped_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, i64, ptr, ptr, ptr]
-    for fn in (lib.qk_quantize_rows, lib.qk_grouped_linear):
+    lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr]
+    for fn in (lib.qk_quantize_rows, lib.qk_grouped_linear, lib.qk_linear):
         fn.restype = None
     return lib
 
@@ -111,6 +114,13 @@ def _required() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError(f"native ternary kernels unavailable ({_reason})")
     return lib
+
+
+def path() -> str | None:
+    """The instruction path the loaded library runs (`PATHS`), or None where it is unavailable.
+    Fixed when the library is compiled for this CPU (`-march=native`)."""
+    lib = library()
+    return None if lib is None else lib.qk_path().decode()
 
 
 def unavailable_reason() -> str:
@@ -158,11 +168,20 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.T
     """y (M, N) float32 = per-token int8 x (M, K) times the I2-packed ternary weights, rescaled.
     `scale` is float32 of shape () or (N, 1). Requires `library()`.
 
-    The one-group case of `grouped_ternary_linear` (one kernel for both)."""
+    The one-group case of `grouped_ternary_linear` (the same kernel and bits), called without the
+    per-call offsets and expanded scales: at batch 1 the Python side is half of a call's time."""
+    lib = _required()
     n = packed.shape[0]
-    rows = scale.float().reshape(-1).expand(n).reshape(1, n)
-    return grouped_ternary_linear(x, packed.unsqueeze(0), k, rows, torch.tensor([x.shape[0]]), eps)
-
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
+    if scale.numel() not in (1, n):
+        raise ValueError(f"scale has {scale.numel()} values for {n} weight rows (1 or {n})")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        lib.qk_linear(x.data_ptr(), m, k, padded(k), eps, packed.data_ptr(), n, scale.data_ptr(), scale.numel(),
+                      y.data_ptr())
+    return y
 
 
 def grouped_ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.Tensor,

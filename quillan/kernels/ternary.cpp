@@ -7,8 +7,15 @@
 //
 // y[m, n] = s_w[n] · s_x[m] · Σ_k q_x[m, k] · q_w[n, k], computed as
 //   Σ_k c[n, k] · q_x[m, k] − Σ_k q_x[m, k]    (q_w = c − 1)
-// with _mm256_maddubs_epi16 (unsigned codes × signed activations). |q_x| ≤ 127, so one maddubs
-// lane is at most 2·2·127 = 508 in magnitude and 32 of them fit in int16 before widening.
+// Three paths, chosen when the library is compiled (`-march=native` on the machine that runs it,
+// so each CPU gets the widest path it has; `qk_path()` names it):
+// - avx512_vnni: `_mm512_dpbusd_epi32` (VPDPBUSD: four u8·s8 products summed into each int32 lane,
+//   Intel SDM vol. 2C) on 64 codes at a time, straight into int32 (no int16 stage). Two 128-weight
+//   blocks share one 64-byte load; the activations are re-laid once per call to match
+//   (`interleave_pairs`), as ik_llama.cpp's iq2_bn_r4 AVX-512 path does with its own layout.
+// - avx2: `_mm256_maddubs_epi16` (unsigned codes × signed activations). |q_x| ≤ 127, so one
+//   maddubs lane is at most 2·2·127 = 508 in magnitude and 32 of them fit in int16 before widening.
+// - scalar: plain loops, for CPUs without AVX2.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -18,14 +25,20 @@
 #endif
 #include <omp.h>
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__AVX512VL__)
+#define QK_VNNI 1
+#endif
 
-extern "C" int qk_version() { return 1; }
+extern "C" int qk_version() { return 2; }
 
-extern "C" int qk_has_avx2() {
-#if defined(__AVX2__)
-    return 1;
+// The path this build runs: "avx512_vnni", "avx2" or "scalar".
+extern "C" const char* qk_path() {
+#if defined(QK_VNNI)
+    return "avx512_vnni";
+#elif defined(__AVX2__)
+    return "avx2";
 #else
-    return 0;
+    return "scalar";
 #endif
 }
 
@@ -67,7 +80,7 @@ static inline int32_t dot_scalar(const uint8_t* w, const int8_t* x, int64_t K_pa
 // once per block and used for every activation row; each activation vector is loaded once and
 // used for every weight row. acc[c][r] = Σ_k code_c[k] · x_r[k].
 template <int R, int C>
-static inline void dot_tile(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][4]) {
+static inline void dot_tile(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
 #if defined(__AVX2__)
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i a32[C][R];
@@ -110,7 +123,7 @@ static inline void dot_tile(const uint8_t* const* w, const int8_t* const* xr, in
 }
 
 template <int C>
-static inline void dot_rows(int rows, const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][4]) {
+static inline void dot_rows(int rows, const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
     switch (rows) {
         case 1: dot_tile<1, C>(w, xr, K_pad, acc); break;
         case 2: dot_tile<2, C>(w, xr, K_pad, acc); break;
@@ -118,6 +131,75 @@ static inline void dot_rows(int rows, const uint8_t* const* w, const int8_t* con
         default: dot_tile<4, C>(w, xr, K_pad, acc); break;
     }
 }
+
+
+#if defined(QK_VNNI)
+// Activations (M, K_pad) → (M, K_pair) with K_pair = K_pad rounded up to 256: for each pair of
+// 128-weight blocks (2p, 2p + 1) and each i = 0..3, 32 activations of block 2p (weights 32i..32i+31)
+// then the 32 of block 2p + 1, so that 64 bytes of activations meet one 64-byte load of codes
+// (two consecutive 32-byte blocks) lane for lane. A missing odd block is zeros.
+static void interleave_pairs(const int8_t* xq, int64_t M, int64_t K_pad, int64_t K_pair, int8_t* out) {
+    const int64_t nblocks = K_pad / 128;
+    for (int64_t m = 0; m < M; ++m) {
+        const int8_t* src = xq + m * K_pad;
+        int8_t* dst = out + m * K_pair;
+        for (int64_t p = 0; p < K_pair / 256; ++p)
+            for (int i = 0; i < 4; ++i)
+                for (int h = 0; h < 2; ++h) {
+                    int8_t* d = dst + p * 256 + 64 * i + 32 * h;
+                    const int64_t b = 2 * p + h;
+                    if (b < nblocks) std::memcpy(d, src + b * 128 + 32 * i, 32);
+                    else std::memset(d, 0, 32);
+                }
+    }
+}
+
+// R activation rows (R ≤ 8) against C weight rows (C ≤ 2): acc[c][r] = Σ_k code_c[k] · x_r[k].
+// Per pair of blocks: C 64-byte code loads, 4 shift-and-mask steps each, 4·R activation loads and
+// 4·R·C VPDPBUSD. The last code load of a row with an odd block count reads 32 bytes (masked), so
+// no load crosses the row's end.
+template <int R, int C>
+static inline void dot_tile_vnni(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i a[C][R];
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) a[c][r] = _mm512_setzero_si512();
+    const int64_t nblocks = K_pad / 128, npairs = (nblocks + 1) / 2;
+    for (int64_t p = 0; p < npairs; ++p) {
+        __m512i v[C];
+        const bool half = 2 * p + 1 == nblocks;
+        for (int c = 0; c < C; ++c)
+            v[c] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w[c] + p * 64)
+                        : _mm512_loadu_si512((const void*)(w[c] + p * 64));
+        for (int i = 0; i < 4; ++i) {
+            __m512i code[C];
+            for (int c = 0; c < C; ++c) code[c] = _mm512_and_si512(i ? _mm512_srli_epi16(v[c], 2 * i) : v[c], mask);
+            for (int r = 0; r < R; ++r) {
+                const __m512i x = _mm512_loadu_si512((const void*)(xr[r] + p * 256 + 64 * i));
+                for (int c = 0; c < C; ++c) a[c][r] = _mm512_dpbusd_epi32(a[c][r], code[c], x);
+            }
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) acc[c][r] = _mm512_reduce_add_epi32(a[c][r]);
+}
+
+template <int C>
+static inline void dot_rows_vnni(int rows, const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad,
+                                 int32_t acc[2][8]) {
+    switch (rows) {
+        case 1: dot_tile_vnni<1, C>(w, xr, K_pad, acc); break;
+        case 2: dot_tile_vnni<2, C>(w, xr, K_pad, acc); break;
+        case 3: dot_tile_vnni<3, C>(w, xr, K_pad, acc); break;
+        case 4: dot_tile_vnni<4, C>(w, xr, K_pad, acc); break;
+        case 5: dot_tile_vnni<5, C>(w, xr, K_pad, acc); break;
+        case 6: dot_tile_vnni<6, C>(w, xr, K_pad, acc); break;
+        case 7: dot_tile_vnni<7, C>(w, xr, K_pad, acc); break;
+        default: dot_tile_vnni<8, C>(w, xr, K_pad, acc); break;
+    }
+}
+
+#endif
 
 static int32_t* row_sums(const int8_t* xq, int64_t M, int64_t K_pad) {
     int32_t* rowsum = (int32_t*)std::malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
@@ -131,30 +213,40 @@ static int32_t* row_sums(const int8_t* xq, int64_t M, int64_t K_pad) {
 }
 
 // Output columns in chunks of 64 weight rows (16 KiB at K = 2048, kept in L2), shared out between
-// threads; within a chunk, activation tiles of 4 rows (8 KiB, in L1) meet every weight row of the
+// threads; within a chunk, activation tiles of ROW_TILE rows (in L1) meet every weight row of the
 // chunk, two at a time.
 static const int64_t CHUNK = 64;
+#if defined(QK_VNNI)
+static const int ROW_TILE = 8;
+#else
+static const int ROW_TILE = 4;
+#endif
 
 // y[m, n] for activation rows [m_begin, m_end) and weight rows [n_begin, n_end) of w, as
-// ((Σ_k q_x q_w) · xs[m]) · scale[n or 0]: the float operations in the order of
+// ((Σ_k q_x q_w) · xs[m]) · scale[n · scale_stride] (stride 0: one per-tensor scale): the float operations in the order of
 // quillan.export.layers.TernaryLinear's reference path, so every path gives the same bits.
-// `per_channel` 0 reads scale[0] for every row (kept for a per-tensor caller).
-static void gemm_block(const int8_t* xq, const float* xs, const int32_t* rowsum, int64_t m_begin, int64_t m_end,
-                       int64_t K_pad, const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N,
-                       const float* scale, int per_channel, float* y) {
+// xq rows are x_stride bytes apart (K_pad, or K_pair in the VNNI layout).
+static void gemm_block(const int8_t* xq, int64_t x_stride, const float* xs, const int32_t* rowsum, int64_t m_begin,
+                       int64_t m_end, int64_t K_pad, const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N,
+                       const float* scale, int64_t scale_stride, float* y) {
     const int64_t row_bytes = K_pad / 4;
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += 4) {
-        const int rows = (int)(m_end - m0 < 4 ? m_end - m0 : 4);
-        const int8_t* xr[4];
-        for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += ROW_TILE) {
+        const int rows = (int)(m_end - m0 < ROW_TILE ? m_end - m0 : ROW_TILE);
+        const int8_t* xr[8];
+        for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * x_stride;
         for (int64_t n = n_begin; n < n_end; n += 2) {
             const int cols = n + 1 < n_end ? 2 : 1;
             const uint8_t* wr[2] = {w + n * row_bytes, w + (n + cols - 1) * row_bytes};
-            int32_t acc[2][4];
+            int32_t acc[2][8];
+#if defined(QK_VNNI)
+            if (cols == 2) dot_rows_vnni<2>(rows, wr, xr, K_pad, acc);
+            else dot_rows_vnni<1>(rows, wr, xr, K_pad, acc);
+#else
             if (cols == 2) dot_rows<2>(rows, wr, xr, K_pad, acc);
             else dot_rows<1>(rows, wr, xr, K_pad, acc);
+#endif
             for (int c = 0; c < cols; ++c) {
-                const float sc = scale[per_channel ? n + c : 0];
+                const float sc = scale[(n + c) * scale_stride];
                 for (int r = 0; r < rows; ++r)
                     y[(m0 + r) * N + n + c] = ((float)(acc[c][r] - rowsum[m0 + r]) * xs[m0 + r]) * sc;
             }
@@ -166,12 +258,20 @@ static void gemm_block(const int8_t* xq, const float* xs, const int32_t* rowsum,
 // are multiplied by weight matrix g of w (G, N, K_pad / 4) with per-row scales scale (G, N).
 // Rows are grouped by expert beforehand (sorted assignments); each (group, column chunk) pair is
 // one unit of work, so the cost follows the rows, not the number of experts.
-extern "C" void qk_grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w,
-                       int64_t G, int64_t N, const float* scale, const int64_t* offsets, float* y) {
+static void grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w, int64_t G,
+                           int64_t N, const float* scale, int64_t scale_stride, const int64_t* offsets, float* y) {
     int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64));
     float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
     int32_t* rowsum = row_sums(xq, M, K_pad);
+#if defined(QK_VNNI)
+    const int64_t x_stride = (K_pad + 255) / 256 * 256;
+    int8_t* xv = (int8_t*)std::aligned_alloc(64, (size_t)((M * x_stride + 63) / 64 * 64));
+    interleave_pairs(xq, M, K_pad, x_stride, xv);
+#else
+    const int64_t x_stride = K_pad;
+    const int8_t* xv = xq;
+#endif
     const int64_t n_chunks = (N + CHUNK - 1) / CHUNK, row_bytes = K_pad / 4;
     int64_t* work = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)(G * n_chunks + 1));
     int64_t n_work = 0;
@@ -182,11 +282,27 @@ extern "C" void qk_grouped_linear(const float* x, int64_t M, int64_t K, int64_t 
     for (int64_t i = 0; i < n_work; ++i) {
         const int64_t g = work[i] / n_chunks, ch = work[i] % n_chunks;
         const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
-        gemm_block(xq, xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes, ch * CHUNK, n_end, N,
-                   scale + g * N, 1, y);
+        gemm_block(xv, x_stride, xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes, ch * CHUNK,
+                   n_end, N, scale + g * N * scale_stride, scale_stride, y);
     }
+#if defined(QK_VNNI)
+    std::free(xv);
+#endif
     std::free(work);
     std::free(rowsum);
     std::free(xs);
     std::free(xq);
+}
+
+extern "C" void qk_grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w,
+                                  int64_t G, int64_t N, const float* scale, const int64_t* offsets, float* y) {
+    grouped_linear(x, M, K, K_pad, eps, w, G, N, scale, 1, offsets, y);
+}
+
+// One weight matrix (N, K_pad / 4) with `n_scales` = 1 (per tensor) or N (per row) scales: the
+// single-group case without the offsets and expanded scales the caller would otherwise build per call.
+extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, float eps, const uint8_t* w, int64_t N,
+                          const float* scale, int64_t n_scales, float* y) {
+    const int64_t offsets[2] = {0, M};
+    grouped_linear(x, M, K, K_pad, eps, w, 1, N, scale, n_scales == 1 ? 0 : 1, offsets, y);
 }

@@ -10,6 +10,7 @@ import torch
 
 from quillan import kernels
 from quillan.bitnet import EPS, activation_quantize, ternary_quantize
+from quillan.machine import cpu_flags
 
 
 def test_i2_layout_of_one_block():
@@ -81,17 +82,28 @@ def _fresh_process(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                    reason="the scalar build is checked on x86-64 (-march=x86-64 has no AVX2)")
-def test_scalar_kernel_without_avx2_is_the_exact_integer_product(tmp_path):
-    """ternary.cpp's non-AVX2 branch, built with `-march=x86-64` in a fresh process: the same exact
-    integer product, plain and grouped, as on a CPU without AVX2."""
-    code = ("import torch\n"
+# Each instruction path of ternary.cpp, the -march that selects it, and the CPU flags it needs.
+BUILDS = {"scalar": ("x86-64", set()), "avx2": ("haswell", {"avx2"}),
+          "avx512_vnni": ("native", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
+    """ternary.cpp built for one path (`-march` per BUILDS) in a fresh process: the exact integer
+    product, plain and grouped, at shapes with odd and even block counts, row tiles cut short and
+    an odd number of weight rows. Paths this CPU cannot run are skipped, naming the missing flags."""
+    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
+        pytest.skip("the paths are built with x86-64 -march values")
+    arch, needs = BUILDS[path]
+    missing = needs - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))} for the {path} path")
+    code = ("import sys, torch\n"
             "from quillan import kernels\n"
             "from quillan.bitnet import EPS, activation_quantize, ternary_quantize\n"
             "lib = kernels.library()\n"
-            "assert lib is not None and lib.qk_has_avx2() == 0, kernels.unavailable_reason()\n"
-            "for m, k, n in [(1, 128, 64), (5, 1000, 33), (33, 130, 70)]:\n"
+            f"assert lib is not None and kernels.path() == {path!r}, (kernels.path(), kernels.unavailable_reason())\n"
+            "for m, k, n in [(1, 128, 64), (5, 1000, 33), (33, 130, 70), (9, 256, 3), (17, 384, 65), (2, 4096, 8)]:\n"
             "    torch.manual_seed(m + k + n)\n"
             "    w, x = torch.randn(n, k), torch.randn(m, k) * 5\n"
             "    for per_channel in (False, True):\n"
@@ -99,15 +111,22 @@ def test_scalar_kernel_without_avx2_is_the_exact_integer_product(tmp_path):
             "        xq, xs = activation_quantize(x)\n"
             "        exact = (xq.long() @ q.long().t()).float() * xs * (scale.view(1, -1) if per_channel else scale)\n"
             "        packed = kernels.pack_i2(q)\n"
-            "        assert torch.equal(kernels.ternary_linear(x, packed, k, scale.float(), EPS), exact)\n"
+            "        assert torch.equal(kernels.ternary_linear(x, packed, k, scale.float(), EPS), exact), (m, k, n)\n"
             "        rows = scale.reshape(-1).expand(n).reshape(1, n)\n"
             "        y = kernels.grouped_ternary_linear(x, packed[None], k, rows, torch.tensor([m]), EPS)\n"
-            "        assert torch.equal(y, exact)\n"
+            "        assert torch.equal(y, exact), (m, k, n)\n"
             "print('ok')\n")
-    proc = _fresh_process(code, tmp_path, QUILLAN_KERNEL_ARCH="x86-64")
+    proc = _fresh_process(code, tmp_path, QUILLAN_KERNEL_ARCH=arch)
     if "native ternary kernels unavailable" in proc.stderr and "no C++ compiler" in proc.stderr:
         pytest.skip("no C++ compiler")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_the_default_build_takes_the_widest_path_the_cpu_has():
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable")
+    widest = next(p for p in kernels.PATHS if BUILDS[p][1] <= cpu_flags())
+    assert kernels.path() == widest
 
 
 def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
