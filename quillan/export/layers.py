@@ -182,3 +182,31 @@ class Int8Rows(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.q.float() * self.scale
 
+
+
+class Int8Head(nn.Module):
+    """The output head (vocab, dim) as int8 weights with one scale per vocabulary row (absmax/127)
+    and per-token int8 activations (BitNet §2's quantizer): logits = (q_x @ qᵀ) · s_x · s_w, the
+    integer product in `torch._int_mm` (oneDNN; VNNI/AMX where the CPU has them). A quarter of the
+    FP32 head's bytes, which is what batch-1 decoding reads for it every token."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        if q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
+            raise ValueError(f"need int8 q (vocab, dim) and scale (vocab, 1), got {q.dtype} {tuple(q.shape)} "
+                             f"and {tuple(scale.shape)}")
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.float())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Head":
+        w = weight.detach().float()
+        scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
+        return cls((w / scale).round().clamp(-127, 127).to(torch.int8), scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) float → logits (..., vocab) float32."""
+        shape = x.shape
+        xq, xs = activation_quantize(x.reshape(-1, shape[-1]).float())
+        y = (torch._int_mm(xq, self.q.t()).float() * xs) * self.scale.view(1, -1)
+        return y.view(*shape[:-1], self.q.shape[0])

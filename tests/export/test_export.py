@@ -343,3 +343,25 @@ def test_memory_probe_and_size_of_a_stored_export(exported):
     size, bits = size_and_bits(path, model)
     assert size == (path / "model.safetensors").stat().st_size
     assert bits == json.loads((path / "metadata.json").read_text())["bits_per_weight_overall"]
+
+
+def test_int8_head_is_the_exact_integer_product():
+    """Int8Head: per-row int8 weights (absmax/127), per-token int8 activations, int32 product:
+    the same bits as the int64 product rescaled, and within 1 % of the float head's logits."""
+    from quillan.bitnet import activation_quantize
+    from quillan.export.layers import Int8Head
+
+    torch.manual_seed(0)
+    w, x = torch.randn(260, 128) * 0.05, torch.randn(2, 5, 128)
+    head = Int8Head.from_float(w)
+    assert head.q.dtype == torch.int8 and int(head.q.abs().max()) == 127
+    assert torch.equal(head.scale, w.abs().amax(1, keepdim=True) / 127.0)
+    y = head(x)
+    assert y.shape == (2, 5, 260)
+    xq, xs = activation_quantize(x.reshape(-1, 128))
+    exact = ((xq.long() @ head.q.long().t()).float() * xs) * head.scale.view(1, -1)
+    assert torch.equal(y.reshape(-1, 260), exact)
+    ref = x @ w.t()
+    assert float((y - ref).norm() / ref.norm()) < 0.01
+    with pytest.raises(ValueError, match="need int8 q"):
+        Int8Head(head.q.float(), head.scale)
