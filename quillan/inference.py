@@ -117,6 +117,41 @@ def accuracy_by_domain(model: Quillan, tokenizer: Tokenizer, records: list[dict[
             "task_counts": {k: h[1] for k, h in sorted(hits["task"].items())}, "outcomes": outcomes}
 
 
+def pass_at_k(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]], k: int, temperature: float,
+              max_new_tokens: int = 64, top_k: int | None = None, seed: int = 0, batch_size: int = 256,
+              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """pass@1 (sampled) and pass@k over `records`: k completions per prompt at `temperature`;
+    pass@k is the share of prompts with at least one correct completion (n = k samples, so
+    Chen et al. 2021's unbiased estimator 1 − C(n−c, k)/C(n, k) reduces to this), pass@1 the
+    mean share of correct completions. Overall and per task family; deterministic for a seed.
+    Returns {"k", "temperature", "pass@1", "pass@k", "by_task": {family: {"pass@1", "pass@k", "n"}}}."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(records)), key=lambda i: (len(records[i]["prompt"]), i))
+    rows = [records[i] for i in order for _ in range(k)]
+    per_batch = max(k, batch_size // k * k)  # whole groups per batch
+    texts: list[str] = []
+    for start in range(0, len(rows), per_batch):
+        batch = rows[start : start + per_batch]
+        texts += complete(model, tokenizer, [prompt_text(r) for r in batch], max_new_tokens, temperature=temperature,
+                          top_k=top_k, batch_size=len(batch), seed=seed + start)
+        if progress is not None:
+            progress(len(batch) // k)
+    model.train(was_training)
+    fams: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # correct samples, prompts solved, prompts
+    for j, i in enumerate(order):
+        c = sum(int(is_correct(records[i], t)) for t in texts[j * k : (j + 1) * k])
+        f = fams[task_of(records[i])]
+        f[0] += c
+        f[1] += int(c > 0)
+        f[2] += 1
+    n = max(len(records), 1)
+    return {"k": k, "temperature": temperature,
+            "pass@1": sum(f[0] for f in fams.values()) / (n * k), "pass@k": sum(f[1] for f in fams.values()) / n,
+            "by_task": {t: {"pass@1": f[0] / (f[2] * k), "pass@k": f[1] / f[2], "n": f[2]}
+                        for t, f in sorted(fams.items())}}
+
+
 def prior_baseline(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:
     """What guessing scores: per task family, the test accuracy of always answering that family's
     most frequent training answer (ties to the smaller string), and "overall" across families."""

@@ -39,4 +39,11 @@ def cpu_model() -> str:
 def cpu_info() -> dict[str, Any]:
     """{"cpu": model name, "cores": logical CPUs, "isa": {flag: present} for ISA_FLAGS}."""
     flags = cpu_flags()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "isa": {f: f in flags for f in ISA_FLAGS}}
+    return {"cpu": cpu_model(), "cores": usable_cores(), "isa": {f: f in flags for f in ISA_FLAGS}}
+
+
+def usable_cores() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from quillan.data.splits import stratified_sample
 from quillan.checkpoint import CONFIG, WEIGHTS, load_model_dir, save_model_dir, write_checksums
-from quillan.inference import accuracy_by_domain
+from quillan.inference import accuracy_by_domain, pass_at_k
 from quillan.rl import GRPOTrainer, NonFiniteError
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
@@ -110,6 +110,13 @@ def _evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, label:
         return accuracy_by_domain(model, tokenizer, records, max_new_tokens, progress=bar.update)
 
 
+def _pass_at_g(model, tokenizer, records: list[dict], cfg, seed: int, label: str) -> dict:
+    """pass@1 and pass@G at the rollout temperature (quillan.inference.pass_at_k), per family."""
+    with tqdm(total=len(records), desc=f"grpo: pass@{cfg.group_size} {label}", unit="rec", mininterval=5) as bar:
+        return pass_at_k(model, tokenizer, records, cfg.group_size, cfg.temperature, cfg.eval_tokens, top_k=cfg.top_k,
+                         seed=seed, progress=bar.update)
+
+
 def _summary(acc: dict) -> dict:
     """An evaluation without its per-record outcomes (what metrics and MLflow keep)."""
     return {k: v for k, v in acc.items() if k != "outcomes"}
@@ -147,6 +154,8 @@ def run(params: Params) -> dict:
     with stage_run("grpo", {"seed": params.seed, "grpo": cfg.model_dump()}) as tracker:
         val_before = _evaluate(model, tokenizer, val_set, cfg.eval_tokens, "before (val)")
         before = _evaluate(model, tokenizer, eval_set, cfg.eval_tokens, "before (test)")
+        pass_set = _eval_records(DATA / "val.jsonl", cfg.pass_at_size, params.seed) if cfg.pass_at_size else []
+        pass_before = _pass_at_g(model, tokenizer, pass_set, cfg, params.seed, "before") if pass_set else None
         t0 = time.perf_counter()
         if cfg.enabled and cfg.steps > 0:
             trainer = GRPOTrainer(model, tokenizer, train, cfg, params.seed)
@@ -167,6 +176,8 @@ def run(params: Params) -> dict:
         seconds = time.perf_counter() - t0
         val_after = _evaluate(model, tokenizer, val_set, cfg.eval_tokens, "after (val)") if history else val_before
         after = _evaluate(model, tokenizer, eval_set, cfg.eval_tokens, "after (test)") if history else before
+        pass_after = (_pass_at_g(model, tokenizer, pass_set, cfg, params.seed, "after") if pass_set and history
+                      else pass_before)
         drop = val_before["accuracy"] - val_after["accuracy"]
         tolerance = rollback_tolerance(val_before["outcomes"], val_after["outcomes"], cfg.rollback_tolerance,
                                        cfg.rollback_z)
@@ -188,6 +199,8 @@ def run(params: Params) -> dict:
                    "rollback_tolerance": tolerance,
                    "rolled_back": rolled_back, "train_seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / max(1, len(history)), 2)}
+        if pass_before is not None:
+            metrics["pass_at_g_before"], metrics["pass_at_g_after"] = pass_before, pass_after
         if history:
             last = history[-max(1, len(history) // 5):]  # the last fifth of the steps
             metrics["rollout_reward_first"] = history[0]["reward_mean"]

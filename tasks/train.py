@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from quillan.checkpoint import load_model_dir, save_model_dir
 from quillan.config import QuillanConfig
+from quillan.machine import usable_cores
 from quillan.model import Quillan
 from quillan.train.config import TrainConfig
 from quillan.train.data import TokenizedRecords, step_sampler, tokens_seen
@@ -99,6 +100,17 @@ def lightning_strategy(name: str):
     return name
 
 
+def cpu_processes_threads(cfg: TrainConfig) -> None:
+    """With several CPU processes (DDP), give each its share of the cores, whatever OMP_NUM_THREADS
+    the caller set: OpenMP threads spinning at barriers while another process holds their core made
+    steps ~15× slower (README "The model learns its tasks"). Child processes inherit the setting."""
+    if cfg.accelerator != "cpu" or cfg.devices * cfg.num_nodes == 1:
+        return
+    threads = max(1, usable_cores() // cfg.devices)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 def initial_model(params: Params, model_cfg: QuillanConfig) -> torch.nn.Module:
     """The ternary model as training started (QuillanLightning's seeded init, or init_checkpoint)."""
     if params.train.init_checkpoint:
@@ -124,6 +136,7 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
         print(f"train: {name} already finished, loaded from {done_dir.relative_to(ROOT)}")
         return model, json.loads((done_dir / "history.json").read_text())
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cpu_processes_threads(cfg)
     init_state = None
     if cfg.init_checkpoint:
         init_state = load_model_dir(Path(cfg.init_checkpoint))[0].state_dict()

@@ -53,3 +53,26 @@ def test_accuracy_by_domain_counts_every_family_and_difficulty():
     mixed = [recs[0], {**recs[2], "answer": written}, recs[1]]
     got = accuracy_by_domain(model, tok, mixed, max_new_tokens=4)
     assert got["outcomes"][1] == 1 and sum(got["outcomes"]) == got["correct"] and len(got["outcomes"]) == 3
+
+
+def test_pass_at_k_counts_prompts_with_any_correct_sample():
+    """A record answered with what the model writes greedily: at a near-zero temperature every
+    sample is the greedy one (pass@1 = pass@k = 1 for it, 0 for a record no sample matches); at a
+    high temperature samples differ, pass@k ≥ pass@1, and a seed fixes them."""
+    from quillan.data.tokenizer import prompt_text
+    from quillan.data.verify import extract_answer
+    from quillan.inference import complete, pass_at_k
+
+    recs = [_rec("max", "9", 1), _rec("upper", "AB", 3, "writing")]
+    tok = train_tokenizer((training_text(r) for r in recs * 20), vocab_size=300)
+    torch.manual_seed(0)
+    model = Quillan(QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size())).eval()
+    written = extract_answer(complete(model, tok, [prompt_text(recs[0])], 4)[0])
+    recs = [{**recs[0], "answer": written}, {**recs[1], "answer": "never written"}]
+    cold = pass_at_k(model, tok, recs, k=4, temperature=1e-4, max_new_tokens=4)
+    assert cold["by_task"]["reasoning/max"] == {"pass@1": 1.0, "pass@k": 1.0, "n": 1}
+    assert cold["by_task"]["writing/upper"] == {"pass@1": 0.0, "pass@k": 0.0, "n": 1}
+    assert cold["pass@1"] == cold["pass@k"] == 0.5 and cold["k"] == 4
+    hot = pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
+    assert hot["pass@k"] >= hot["pass@1"] and 0.0 <= hot["by_task"]["reasoning/max"]["pass@1"] < 1.0
+    assert hot == pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)

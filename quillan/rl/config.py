@@ -72,6 +72,9 @@ class GRPOConfig(BaseModel):
                                                   "(and by more than rollback_z standard errors)")
     rollback_z: float = Field(1.96, ge=0, description="standard errors of the val accuracy difference a drop must "
                                                       "exceed to roll back (0: the fixed tolerance alone)")
+    pass_at_size: int = Field(0, ge=0, description="stratified val records on which pass@1 and pass@G (G = group_size "
+                                                   "samples at the rollout temperature) are measured before and "
+                                                   "after GRPO, per task family (0: not measured)")
     checkpoint_every: int = Field(20, ge=1, description="resumable checkpoint every N steps")
 
     @property

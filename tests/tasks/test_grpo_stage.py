@@ -38,6 +38,11 @@ def test_interrupted_grpo_resumes_to_the_same_weights(trained_project):
     out = root / "models" / "grpo"
     run(GRPO, root, env)
     uninterrupted = _md5(out / "model.safetensors")
+    metrics = json.loads((root / "metrics/grpo.json").read_text())
+    for when in ("pass_at_g_before", "pass_at_g_after"):  # smoke: pass_at_size 16, G = group_size 4
+        p = metrics[when]
+        assert p["k"] == 4 and sum(f["n"] for f in p["by_task"].values()) == 16, when
+        assert all(0 <= f["pass@1"] <= f["pass@k"] <= 1 for f in p["by_task"].values()), when
     assert not (out / "checkpoints").exists()
     subprocess.run(["rm", "-rf", str(out)], check=True)
     state = out / "checkpoints" / "last" / "state.json"
