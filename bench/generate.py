@@ -176,7 +176,7 @@ def full_shape_checks(seed: int, n_tokens: int = 4) -> dict:
     loss = nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1))
     (loss + out.aux_loss + out.diffusion_loss).backward()
     opt.step()
-    result = {"train_step": {"seconds": time.perf_counter() - t0, "loss": float(loss),
+    result = {"train_step": {"seconds": time.perf_counter() - t0, "loss": loss.item(),
                              "parameters": model.num_parameters(),
                              "active_parameters": model.num_parameters(active_only=True)}}
     del opt

@@ -26,6 +26,9 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     lambda_schedule: LambdaSchedule = Field("linear", description="λ warmup shape (seed note 004)")
     warmup_frac: float = Field(0.4, ge=0, le=1, description="share of steps over which λ goes 0 → 1")
+    prompt_loss_weight: float = Field(
+        0.0, ge=0, description="weight of the next-token loss on prompt tokens, added to the answer tokens' loss "
+                               "(an auxiliary language-modelling signal at no extra compute; 0: answers only)")
     aux_loss_weight: float = Field(0.01, ge=0, description="MoE load-balancing loss weight")
     z_loss_weight: float = Field(0.001, ge=0, description="router z-loss weight")
     diffusion_loss_weight: float = Field(0.1, ge=0, description="denoising loss weight")

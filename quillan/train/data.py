@@ -1,4 +1,5 @@
-"""Tokenized records for causal-LM training: `<bos> prompt \\n target <eos>`, loss on target+eos."""
+"""Tokenized records for causal-LM training: `<bos> prompt \\n target <eos>`, loss on target+eos
+(and, weighted by `train.prompt_loss_weight`, on the prompt: `prompt_labels`)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
         mask[i, : len(ids)] = 1
         labels[i, n_prompt - 1 : len(ids) - 1] = t[n_prompt:]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def prompt_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token labels (B, T) at the prompt's positions of a `collate`d batch, -100 elsewhere:
+    position t predicts token t + 1 where t + 1 is a real token and t carries no answer label
+    (the answer positions, the last real token and the padding get -100)."""
+    out = torch.full_like(batch["input_ids"], IGNORE)
+    keep = (batch["labels"][:, :-1] == IGNORE) & (batch["attention_mask"][:, 1:] == 1)
+    out[:, :-1] = torch.where(keep, batch["input_ids"][:, 1:], IGNORE)
+    return out
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -19,7 +19,7 @@ from quillan.config import QuillanConfig
 from quillan.model import Quillan
 from quillan.errors import NonFiniteError
 from quillan.train.config import TrainConfig
-from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce, step_sampler
+from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce, prompt_labels, step_sampler
 from quillan.train.schedules import lambda_at, lr_at
 
 
@@ -80,7 +80,7 @@ class QuillanDataModule(L.LightningDataModule):
 class QuillanLightning(L.LightningModule):
     """Causal-LM training of `Quillan` with the MoE and diffusion auxiliary losses.
 
-    loss = CE(answer tokens) + w_aux·load_balance + w_z·z_loss + w_diff·denoising
+    loss = CE(answer tokens) + w_prompt·CE(prompt tokens) + w_aux·load_balance + w_z·z_loss + w_diff·denoising
     `reference=True` builds the full-precision reference (every BitLinear a plain Linear, λ = 0).
     """
 
@@ -112,6 +112,10 @@ class QuillanLightning(L.LightningModule):
         ce = masked_ce(out.logits, batch["labels"])
         c = self.cfg
         loss = ce + c.aux_loss_weight * out.aux_loss + c.z_loss_weight * out.z_loss + c.diffusion_loss_weight * out.diffusion_loss
+        prompt_ce = None
+        if c.prompt_loss_weight:
+            prompt_ce = masked_ce(out.logits, prompt_labels(batch))
+            loss = loss + c.prompt_loss_weight * prompt_ce
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.global_step}")
         hybrid = self._hybrid_optimizer()
@@ -122,6 +126,8 @@ class QuillanLightning(L.LightningModule):
         log = {"train/loss": ce, "train/perplexity": torch.exp(ce.detach().clamp(max=30)),
                "train/aux_loss": out.aux_loss, "train/z_loss": out.z_loss, "train/diffusion_loss": out.diffusion_loss,
                "train/total_loss": loss, "lr": self.optimizers().param_groups[0]["lr"]}
+        if prompt_ce is not None:
+            log["train/prompt_loss"] = prompt_ce
         if hybrid is not None and hybrid.last:  # the previous step's choices
             log.update({f"hybrid/{k}": v for k, v in hybrid.last.items()})
         if self._t0 is not None:

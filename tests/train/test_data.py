@@ -2,7 +2,7 @@ import pytest
 
 from quillan.data.generators import generate_tasks
 from quillan.data.tokenizer import train_tokenizer, training_text
-from quillan.train.data import IGNORE, StepBatchSampler, TokenizedRecords, collate
+from quillan.train.data import IGNORE, StepBatchSampler, TokenizedRecords, collate, prompt_labels
 
 
 def test_labels_cover_target_and_eos_only():
@@ -18,6 +18,21 @@ def test_labels_cover_target_and_eos_only():
     assert int((labels != IGNORE).nonzero()[0]) == n_prompt - 1
     assert batch["attention_mask"][0].sum() == len(ids)
     assert batch["input_ids"].shape[1] == max(len(ds[0][0]), len(ds[1][0]))
+
+
+def test_prompt_labels_cover_the_prompt_only():
+    """Position t predicts token t + 1 for t + 1 in the prompt (after <bos>); answer positions and
+    padding carry no prompt label, and the two label sets never overlap."""
+    rows = generate_tasks(30, seed=0)
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
+    ds = TokenizedRecords(rows[:3], tok, max_len=128)
+    batch = collate([ds[0], ds[1], ds[2]], ds.pad_id)
+    pl = prompt_labels(batch)
+    for i in range(3):
+        ids, n_prompt = ds[i]
+        assert pl[i][pl[i] != IGNORE].tolist() == ids[1:n_prompt]
+        assert (pl[i, : n_prompt - 1] != IGNORE).all() and (pl[i, n_prompt - 1 :] == IGNORE).all()
+    assert not ((pl != IGNORE) & (batch["labels"] != IGNORE)).any()
 
 
 def test_step_batches_are_a_function_of_the_step():

@@ -84,3 +84,23 @@ def test_hybrid_optimizer_trains_and_reports_its_choices(tiny):
     assert set(opt.last) == {"lr_multiplier", "radius", "update_norm", "clipped", "advantage"}
     assert opt.last["update_norm"] <= opt.last["radius"] * (1 + 1e-6)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_prompt_loss_weight_adds_the_prompt_tokens_loss(tiny):
+    """The step's loss is the answer CE + w·prompt CE + the auxiliary terms; both CEs are logged."""
+    from quillan.train.data import prompt_labels
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl, out, batch, i):
+            b = trainer.datamodule.batch(trainer.global_step - 1)
+            seen.append((float(out["loss"]), {k: float(v) for k, v in trainer.callback_metrics.items()
+                                              if k.startswith("train/")}, b))
+
+    _fit(tiny, True, steps=3, callbacks=[Probe()], prompt_loss_weight=0.5)
+    loss, logged, batch = seen[0]
+    aux = logged["train/total_loss"] - logged["train/loss"] - 0.5 * logged["train/prompt_loss"]
+    assert logged["train/prompt_loss"] > 0 and abs(loss - logged["train/total_loss"]) < 1e-5
+    assert 0 <= aux < 0.1  # the router terms, weighted 0.01 and 0.001
+    assert int((prompt_labels(batch) != -100).sum()) > int((batch["labels"] != -100).sum())
