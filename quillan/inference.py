@@ -124,7 +124,8 @@ def pass_at_k(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]
     pass@k is the share of prompts with at least one correct completion (n = k samples, so
     Chen et al. 2021's unbiased estimator 1 − C(n−c, k)/C(n, k) reduces to this), pass@1 the
     mean share of correct completions. Overall and per task family; deterministic for a seed.
-    Returns {"k", "temperature", "pass@1", "pass@k", "by_task": {family: {"pass@1", "pass@k", "n"}}}."""
+    Returns {"k", "temperature", "pass_at_1", "pass_at_k", "by_task": {family: {"pass_at_1", "pass_at_k", "n"}}}
+    (names MLflow accepts as metric keys: no "@")."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(records)), key=lambda i: (len(records[i]["prompt"]), i))
@@ -147,8 +148,8 @@ def pass_at_k(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]
         f[2] += 1
     n = max(len(records), 1)
     return {"k": k, "temperature": temperature,
-            "pass@1": sum(f[0] for f in fams.values()) / (n * k), "pass@k": sum(f[1] for f in fams.values()) / n,
-            "by_task": {t: {"pass@1": f[0] / (f[2] * k), "pass@k": f[1] / f[2], "n": f[2]}
+            "pass_at_1": sum(f[0] for f in fams.values()) / (n * k), "pass_at_k": sum(f[1] for f in fams.values()) / n,
+            "by_task": {t: {"pass_at_1": f[0] / (f[2] * k), "pass_at_k": f[1] / f[2], "n": f[2]}
                         for t, f in sorted(fams.items())}}
 
 

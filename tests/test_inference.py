@@ -70,9 +70,9 @@ def test_pass_at_k_counts_prompts_with_any_correct_sample():
     written = extract_answer(complete(model, tok, [prompt_text(recs[0])], 4)[0])
     recs = [{**recs[0], "answer": written}, {**recs[1], "answer": "never written"}]
     cold = pass_at_k(model, tok, recs, k=4, temperature=1e-4, max_new_tokens=4)
-    assert cold["by_task"]["reasoning/max"] == {"pass@1": 1.0, "pass@k": 1.0, "n": 1}
-    assert cold["by_task"]["writing/upper"] == {"pass@1": 0.0, "pass@k": 0.0, "n": 1}
-    assert cold["pass@1"] == cold["pass@k"] == 0.5 and cold["k"] == 4
+    assert cold["by_task"]["reasoning/max"] == {"pass_at_1": 1.0, "pass_at_k": 1.0, "n": 1}
+    assert cold["by_task"]["writing/upper"] == {"pass_at_1": 0.0, "pass_at_k": 0.0, "n": 1}
+    assert cold["pass_at_1"] == cold["pass_at_k"] == 0.5 and cold["k"] == 4
     hot = pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
-    assert hot["pass@k"] >= hot["pass@1"] and 0.0 <= hot["by_task"]["reasoning/max"]["pass@1"] < 1.0
+    assert hot["pass_at_k"] >= hot["pass_at_1"] and 0.0 <= hot["by_task"]["reasoning/max"]["pass_at_1"] < 1.0
     assert hot == pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)

@@ -42,7 +42,7 @@ def test_interrupted_grpo_resumes_to_the_same_weights(trained_project):
     for when in ("pass_at_g_before", "pass_at_g_after"):  # smoke: pass_at_size 16, G = group_size 4
         p = metrics[when]
         assert p["k"] == 4 and sum(f["n"] for f in p["by_task"].values()) == 16, when
-        assert all(0 <= f["pass@1"] <= f["pass@k"] <= 1 for f in p["by_task"].values()), when
+        assert all(0 <= f["pass_at_1"] <= f["pass_at_k"] <= 1 for f in p["by_task"].values()), when
     assert not (out / "checkpoints").exists()
     subprocess.run(["rm", "-rf", str(out)], check=True)
     state = out / "checkpoints" / "last" / "state.json"
