@@ -156,6 +156,13 @@ class GroupedTernarySwiGLU:
         return self._linear("w2", h, counts).to(x.dtype)
 
 
+def int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of w (..., D): (q int8 (..., D), scale float32 (..., 1) = absmax / 127)."""
+    w = w.detach().float()
+    scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
+    return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Rows(nn.Module):
     """A parameter bank (M, P, D) stored as int8 rows with one float scale per row (absmax/127):
     PyTorch's own int8 path for the micro-agent banks, which bitsandbytes has no module for.
@@ -168,8 +175,7 @@ class Int8Rows(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Rows":
-        scale = w.detach().float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
-        return cls((w.detach().float() / scale).round().clamp(-127, 127).to(torch.int8), scale)
+        return cls(*int8_per_row(w))
 
     def __getitem__(self, member: int) -> torch.Tensor:
         return self.q[member].float() * self.scale[member]
@@ -200,9 +206,7 @@ class Int8Head(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Int8Head":
-        w = weight.detach().float()
-        scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
-        return cls((w / scale).round().clamp(-127, 127).to(torch.int8), scale)
+        return cls(*int8_per_row(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) float → logits (..., vocab) float32."""
