@@ -57,7 +57,7 @@ def quality(model_dir: Path, n_val: int, n_test: int, max_new_tokens: int) -> di
     int8 = copy.deepcopy(model)
     int8.head = Int8Head.from_float(model.head.weight)
     val = TokenizedRecords(stratified_sample(read_jsonl(ROOT / "data/generated/val.jsonl"), n_val, 1), tok,
-                           model.cfg.max_seq_len)
+                           model.cfg.max_seq_len, digit_order=model.cfg.digit_order)
     test = stratified_sample(read_jsonl(ROOT / "data/generated/test.jsonl"), n_test, 1)
     out = {"model": str(model_dir), "val_records": len(val), "test_records": len(test)}
     for name, m in (("float", model), ("int8", int8)):

@@ -81,8 +81,9 @@ def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> di
     old = overrides.pop("old_step", False)
     params = load_params(overrides=overrides)
     tok = Tokenizer.from_file(str(ROOT / "data" / "tokenizer.json"))
-    model_cfg = params.quillan_config(tok.get_vocab_size())
-    data = TokenizedRecords(read_jsonl(ROOT / "data" / "generated" / "train.jsonl")[:rows], tok, model_cfg.max_seq_len)
+    model_cfg = params.quillan_config(tok)
+    data = TokenizedRecords(read_jsonl(ROOT / "data" / "generated" / "train.jsonl")[:rows], tok, model_cfg.max_seq_len,
+                            digit_order=model_cfg.digit_order)
     cfg = params.train.model_copy(update={"max_steps": steps, "lr_warmup_steps": 0, "val_every": steps + 1})
     module = QuillanLightning(model_cfg, cfg, params.seed)
     dm = QuillanDataModule(data, data, cfg, params.seed)

@@ -12,6 +12,8 @@ from typing import Any
 
 from quillan.bitnet import QUANT_METHODS, QUANT_PLANS
 
+DIGIT_ORDERS = ("msb", "lsb")
+
 
 @dataclass
 class QuillanConfig:
@@ -22,6 +24,10 @@ class QuillanConfig:
     n_kv_heads: int = 2               # key/value heads (GQA); must divide n_heads
     max_seq_len: int = 256            # positions (RoPE table size, KV cache length)
     rope_theta: float = 10000.0
+    # Numbers (McLeish et al. 2024, arXiv 2405.17399): the model reads and writes digits
+    digit_order: str = "msb"          # msb: as typed; lsb: every digit run reversed in and out (quillan.data.tokenizer.model_text)
+    digit_positions: int = 0          # Abacus: embed a digit's index in its number, 1..this (clipped); 0 = off
+    digit_ids: tuple[int, ...] = ()   # token ids of "0".."9" (the pipeline sets them from the tokenizer)
     tie_embeddings: bool = True       # output head shares the token embedding
     norm_eps: float = 1e-5
     # Council feed-forward (seed notes 000, 001): overseer → M mini-MoEs (E experts each) + micro agents
@@ -52,6 +58,7 @@ class QuillanConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        self.digit_ids = tuple(self.digit_ids)  # config.json stores a list
         self.validate()
 
     def validate(self) -> None:
@@ -76,6 +83,13 @@ class QuillanConfig:
              f"model.expert_top_k ({self.expert_top_k}) must be <= model.n_experts ({self.n_experts})")
         need(self.n_micro == 0 or self.micro_top_k <= self.n_micro,
              f"model.micro_top_k ({self.micro_top_k}) must be <= model.n_micro ({self.n_micro})")
+        need(self.digit_order in DIGIT_ORDERS,
+             f"model.digit_order must be one of {', '.join(DIGIT_ORDERS)}, got {self.digit_order!r}")
+        need(self.digit_positions >= 0, f"model.digit_positions must be >= 0, got {self.digit_positions}")
+        need(self.digit_positions == 0 or len(self.digit_ids) == 10,
+             f"model.digit_positions > 0 needs the 10 digit token ids (digit_ids), got {len(self.digit_ids)}")
+        need(all(0 <= i < self.vocab_size for i in self.digit_ids),
+             f"model.digit_ids must lie in [0, vocab_size={self.vocab_size}), got {list(self.digit_ids)}")
         need(self.early_exit_threshold > 0, f"model.early_exit_threshold must be > 0, got {self.early_exit_threshold}")
         need(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         need(self.quant_method in QUANT_METHODS,

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from tokenizers import Tokenizer
 
-from quillan.data.tokenizer import prompt_text, special_ids
+from quillan.data.tokenizer import decode_text, model_text, prompt_text, special_ids
 from quillan.data.verify import is_correct
 from quillan.model import Quillan
 
@@ -27,10 +27,11 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
-def encode_prompts(tokenizer: Tokenizer, prompts: list[str], room: int) -> list[list[int]]:
-    """`<bos> + tokens` of each (formatted) prompt, keeping its last `room` tokens if longer."""
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], room: int, *, digit_order: str) -> list[list[int]]:
+    """`<bos> + tokens` of each (formatted) prompt as the model reads it (`model_text`), keeping
+    its last `room` tokens if longer."""
     bos = special_ids(tokenizer)["bos"]
-    return [([bos] + e.ids)[-room:] for e in tokenizer.encode_batch(prompts)]
+    return [([bos] + e.ids)[-room:] for e in tokenizer.encode_batch([model_text(p, digit_order) for p in prompts])]
 
 
 def until_eos(row: list[int], eos: int) -> list[int]:
@@ -52,10 +53,12 @@ def complete(model: Quillan, tokenizer: Tokenizer, prompts: list[str], max_new_t
     out: list[str] = []
     room = model.cfg.max_seq_len - max_new_tokens
     for start in range(0, len(prompts), batch_size):
-        input_ids, mask = left_padded(encode_prompts(tokenizer, prompts[start : start + batch_size], room), pad)
+        input_ids, mask = left_padded(encode_prompts(tokenizer, prompts[start : start + batch_size], room,
+                                                     digit_order=model.cfg.digit_order), pad)
         seq = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_id=eos, attention_mask=mask, generator=gen)
-        out += [tokenizer.decode(until_eos(row, eos)) for row in seq[:, input_ids.shape[1]:].tolist()]
+        out += [decode_text(tokenizer, until_eos(row, eos), model.cfg.digit_order)
+                for row in seq[:, input_ids.shape[1]:].tolist()]
     return out
 
 
@@ -72,6 +75,21 @@ def wilson_interval(correct: int, count: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_standard_error(before: list[int], after: list[int]) -> float:
+    """Standard error of the change in accuracy between two models scored on the same records:
+    that of the mean of d_i = after_i − before_i (0/1 outcomes), sqrt(var(d)/n) with the sample
+    variance. Records both models get right or wrong add nothing, so it is far smaller than the
+    error of two independent samples. 0 for fewer than two records."""
+    n = len(before)
+    if n != len(after):
+        raise ValueError(f"{n} outcomes before, {len(after)} after: not the same records")
+    if n < 2:
+        return 0.0
+    d = [a - b for a, b in zip(after, before)]
+    mean = sum(d) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
 def _shares(hits: dict[str, list[int]]) -> dict[str, float]:

@@ -167,6 +167,17 @@ class QuillanOutput:
     expert_counts: list[torch.Tensor] = field(default_factory=list)  # per council layer (M, E)
 
 
+def derived_buffers(cfg: QuillanConfig) -> dict[str, torch.Tensor]:
+    """The tensors a model computes from its config and never stores: the RoPE tables and, with
+    digit embeddings, the (vocab_size,) bool table of digit tokens."""
+    cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+    out = {"rope_cos": cos, "rope_sin": sin}
+    if cfg.digit_positions:
+        out["digit_lut"] = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        out["digit_lut"][list(cfg.digit_ids)] = True
+    return out
+
+
 class Quillan(nn.Module):
     def __init__(self, cfg: QuillanConfig):
         super().__init__()
@@ -180,10 +191,15 @@ class Quillan(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        self.digit_embed = None
+        if cfg.digit_positions:  # row 0: not a digit (stays zero)
+            self.digit_embed = nn.Embedding(cfg.digit_positions + 1, cfg.dim, padding_idx=0)
+            nn.init.normal_(self.digit_embed.weight, std=0.02)
+            with torch.no_grad():
+                self.digit_embed.weight[0].zero_()
+        for name, t in derived_buffers(cfg).items():
+            self.register_buffer(name, t, persistent=False)
         self.block_evals = 0       # (token, block) evaluations in the last generate()
         self.block_evals_saved = 0  # ... skipped by early exit
 
@@ -219,6 +235,25 @@ class Quillan(nn.Module):
         eye[..., torch.arange(q_len), torch.arange(offset, offset + q_len)] = True
         return m | (eye & ~m.any(-1, keepdim=True))
 
+    def digit_index(self, ids: torch.Tensor, run: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) long: k for the k-th digit of its run of digit tokens (1-based, clipped to
+        `digit_positions`), 0 for every other token; causal, so a token's index never depends on
+        what follows. `run` (B,): the index of the token just before ids[:, 0] (cached decoding)."""
+        is_digit = self.digit_lut[ids]
+        count = is_digit.long().cumsum(-1)
+        if run is not None:
+            count = count + run[:, None]
+        base = torch.where(is_digit, torch.zeros_like(count), count).cummax(-1).values
+        return (count - base).clamp(max=self.cfg.digit_positions)
+
+    def embed_tokens(self, ids: torch.Tensor, digits: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, dim), plus the Abacus digit-index embedding (McLeish et al.
+        2024, arXiv 2405.17399, §3.1) when `digit_positions` > 0; `digits` from `digit_index`."""
+        h = self.embed(ids)
+        if self.digit_embed is not None:
+            h = h + self.digit_embed(self.digit_index(ids) if digits is None else digits)
+        return h
+
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
 
@@ -230,7 +265,7 @@ class Quillan(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         cos, sin = self._rope(self.positions_from_mask(attention_mask))
         mask = self._mask(attention_mask, T, 0)
-        h = self.embed(input_ids)
+        h = self.embed_tokens(input_ids)
         zero = h.new_zeros(())
         aux, z, probs, counts = zero, zero, [], []
         for block in self.blocks:
@@ -251,7 +286,7 @@ class Quillan(nn.Module):
 
     # -- inference ----------------------------------------------------------------------------
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor, cache: KVCache,
-              slot: int, early_exit: bool) -> torch.Tensor:
+              slot: int, early_exit: bool, digits: torch.Tensor | None = None) -> torch.Tensor:
         """Run tokens ids (B, T) at cache slots [slot, slot+T) → last-token logits (B, V).
 
         With early exit (T == 1 only), a row whose intermediate prediction is confident above
@@ -261,7 +296,7 @@ class Quillan(nn.Module):
         B, T = ids.shape
         cos, sin = self._rope(positions)
         mask = self._mask(key_mask, T, slot)[..., : slot + T]
-        h = self.embed(ids)
+        h = self.embed_tokens(ids, digits)
         L = len(self.blocks)
         active = torch.arange(B, device=ids.device)
         for li, block in enumerate(self.blocks):
@@ -312,7 +347,8 @@ class Quillan(nn.Module):
             cache = KVCache(self.cfg, B, total, input_ids.device, self.embed.weight.dtype)
             positions = self.positions_from_mask(key_mask)
             full_mask = torch.cat([key_mask, key_mask.new_ones(B, max_new_tokens)], dim=1)
-            logits = self._step(input_ids, positions, full_mask, cache, 0, early_exit=False)
+            digits = self.digit_index(input_ids) if self.digit_embed is not None else None
+            logits = self._step(input_ids, positions, full_mask, cache, 0, early_exit=False, digits=digits)
             pos = positions[:, -1:]
         for i in range(max_new_tokens):
             if not use_cache:
@@ -327,8 +363,10 @@ class Quillan(nn.Module):
                 break
             if use_cache:
                 pos = pos + 1
+                if digits is not None:  # continue each row's digit run across steps
+                    digits = self.digit_index(nxt[:, None], digits[:, -1])
                 logits = self._step(nxt[:, None], pos, full_mask, cache, T + i,
-                                    early_exit=self.cfg.early_exit_threshold <= 1.0)
+                                    early_exit=self.cfg.early_exit_threshold <= 1.0, digits=digits)
         return seq
 
     def num_parameters(self, active_only: bool = False) -> int:

@@ -162,7 +162,8 @@ def run(params: Params) -> dict:
     for split in ("val", "test"):
         recs = read_jsonl(DATA / f"{split}.jsonl")
         recs = stratified_sample(recs, cfg.ppl_size, params.seed) if cfg.ppl_size else recs
-        ppl_sets[split] = TokenizedRecords(recs, tokenizer, base_model.cfg.max_seq_len)
+        ppl_sets[split] = TokenizedRecords(recs, tokenizer, base_model.cfg.max_seq_len,
+                                            digit_order=base_model.cfg.digit_order)
     threads = torch.get_num_threads()
     # Speeds differ between CPUs of one machine type (bitsandbytes' INT4 kernel needs AVX512-BF16,
     # torch._int_mm AVX512-VNNI): the CPU and its ISA flags travel with the numbers.

@@ -28,7 +28,7 @@ def initial_model(params: Params, tokenizer: Tokenizer, checkpoint: str | None) 
         model, _ = load_model_dir(Path(checkpoint))
         return model
     torch.manual_seed(params.seed)
-    return Quillan(params.quillan_config(tokenizer.get_vocab_size()))
+    return Quillan(params.quillan_config(tokenizer))
 
 
 def run(params: Params) -> dict:
@@ -39,7 +39,7 @@ def run(params: Params) -> dict:
                                  "model": params.model.model_dump()}) as tracker:
         model = initial_model(params, tokenizer, cfg.checkpoint or params.train.init_checkpoint)
         sample = stratified_sample(records, cfg.sample_size, params.seed)
-        data = TokenizedRecords(sample, tokenizer, model.cfg.max_seq_len)
+        data = TokenizedRecords(sample, tokenizer, model.cfg.max_seq_len, digit_order=model.cfg.digit_order)
         batches = (collate([data[i] for i in range(s, min(s + cfg.batch_size, len(data)))], data.pad_id)
                    for s in range(0, len(data), cfg.batch_size))
         layers = collect_stats(model, batches, cfg.percentiles)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from quillan.data.splits import stratified_sample
 from quillan.checkpoint import CONFIG, WEIGHTS, load_model_dir, save_model_dir, write_checksums
-from quillan.inference import accuracy_by_domain, pass_at_k
+from quillan.inference import accuracy_by_domain, paired_standard_error, pass_at_k
 from quillan.rl import GRPOTrainer, NonFiniteError
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
@@ -89,20 +88,9 @@ def _eval_records(path: Path, size: int, seed: int) -> list[dict]:
 
 
 def rollback_tolerance(before: list[int], after: list[int], floor: float, z: float) -> float:
-    """The drop in val accuracy that counts as a regression: `floor`, or z standard errors of the
-    paired difference, whichever is larger. `before`/`after` are the 0/1 outcomes of the same
-    records; the difference's standard error is that of the mean of d_i = after_i − before_i,
-    sqrt(var(d)/n) with the sample variance: records both models get right or wrong add nothing,
-    so it is far smaller than for two independent samples. Below the tolerance is noise."""
-    n = len(before)
-    if n != len(after):
-        raise ValueError(f"{n} outcomes before, {len(after)} after: not the same records")
-    if n < 2:
-        return floor
-    d = [a - b for a, b in zip(after, before)]
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1)
-    return max(floor, z * math.sqrt(var / n))
+    """The drop in val accuracy that counts as a regression: `floor`, or z paired standard errors
+    of the difference (`quillan.inference.paired_standard_error`), whichever is larger."""
+    return max(floor, z * paired_standard_error(before, after))
 
 
 def _evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, label: str) -> dict:
@@ -195,6 +183,7 @@ def run(params: Params) -> dict:
         metrics = {"enabled": cfg.enabled, "steps": len(history), "skipped_steps": len(history) - len(updated),
                    "before": _summary(before), "after": _summary(after),
                    "accuracy_gain": after["accuracy"] - before["accuracy"],
+                   "accuracy_gain_se": paired_standard_error(before["outcomes"], after["outcomes"]),
                    "val_before": _summary(val_before), "val_after": _summary(val_after),
                    "rollback_tolerance": tolerance,
                    "rolled_back": rolled_back, "train_seconds": round(seconds, 1),

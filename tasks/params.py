@@ -15,6 +15,7 @@ import typing
 from typing import Literal, Optional
 
 import yaml
+from tokenizers import Tokenizer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from quillan.bitnet import QuantMethod, QuantPlan
@@ -22,6 +23,7 @@ from quillan.calibrate import CalibrateConfig
 from quillan.config import PRESETS as MODEL_PRESETS
 from quillan.config import QuillanConfig
 from quillan.data import DataConfig
+from quillan.data.tokenizer import digit_token_ids
 from quillan.export import ExportConfig
 from quillan.export.measure import BenchmarkConfig
 from quillan.rl.config import GRPOConfig
@@ -39,7 +41,7 @@ class ConfigError(ValueError):
 
 # QuillanConfig fields set from other params sections (quant.*) or by the exports, not under `model:`.
 NOT_MODEL_PARAMS = {"quant_method": "quant.method", "tequila_lambda": "quant.tequila_lambda", "quant_plan": "quant.plan",
-                    "linear_bias": None}
+                    "linear_bias": None, "digit_ids": None}
 
 
 def _model_params_base():
@@ -94,9 +96,11 @@ class Params(BaseModel):
     export: ExportConfig = Field(default_factory=ExportConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
-    def quillan_config(self, vocab_size: int) -> QuillanConfig:
-        """The model to build: `model:` (preset and fields) with `quant:` and the tokenizer's vocabulary."""
-        return self.model.build(vocab_size=vocab_size, quant_method=self.quant.method,
+    def quillan_config(self, tokenizer: Tokenizer) -> QuillanConfig:
+        """The model to build: `model:` (preset and fields) with `quant:` and the tokenizer's
+        vocabulary and digit ids."""
+        return self.model.build(vocab_size=tokenizer.get_vocab_size(), digit_ids=digit_token_ids(tokenizer),
+                                quant_method=self.quant.method,
                                 tequila_lambda=self.quant.tequila_lambda, quant_plan=self.quant.plan)
 
 

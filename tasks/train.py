@@ -212,9 +212,11 @@ def _write_curves(hist: dict, ref_hist: dict | None) -> None:
 def run(params: Params) -> dict:
     cfg = params.train
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
-    model_cfg = params.quillan_config(tokenizer.get_vocab_size())
-    train_set = TokenizedRecords(read_jsonl(DATA / "train.jsonl"), tokenizer, model_cfg.max_seq_len)
-    val_set = TokenizedRecords(read_jsonl(DATA / "val.jsonl"), tokenizer, model_cfg.max_seq_len)
+    model_cfg = params.quillan_config(tokenizer)
+    train_set = TokenizedRecords(read_jsonl(DATA / "train.jsonl"), tokenizer, model_cfg.max_seq_len,
+                                 digit_order=model_cfg.digit_order)
+    val_set = TokenizedRecords(read_jsonl(DATA / "val.jsonl"), tokenizer, model_cfg.max_seq_len,
+                               digit_order=model_cfg.digit_order)
     _prepare_checkpoints(fingerprint(params))
     is_zero = _rank() == 0
     ctx = (stage_run("train", {"seed": params.seed, "train": cfg.model_dump(), "model": model_cfg.to_dict()})

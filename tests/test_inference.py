@@ -1,6 +1,7 @@
 """quillan.inference: exact-match accuracy per family and difficulty, the prior baseline, intervals."""
 
 import math
+import pytest
 
 import torch
 
@@ -76,3 +77,16 @@ def test_pass_at_k_counts_prompts_with_any_correct_sample():
     hot = pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
     assert hot["pass_at_k"] >= hot["pass_at_1"] and 0.0 <= hot["by_task"]["reasoning/max"]["pass_at_1"] < 1.0
     assert hot == pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
+
+
+def test_paired_standard_error_counts_only_records_that_changed():
+    from quillan.inference import paired_standard_error
+
+    # 512 records: 30 lost, 18 gained, the rest unchanged: d has mean -12/512 and sample
+    # variance (48 − 512·(12/512)²) / 511; its standard error sqrt(var / 512) ≈ 0.0136.
+    before = [1] * 30 + [0] * 18 + [1] * 100 + [0] * 364
+    after = [0] * 30 + [1] * 18 + [1] * 100 + [0] * 364
+    assert paired_standard_error(before, after) == pytest.approx(math.sqrt((48 - 12**2 / 512) / 511 / 512))
+    assert paired_standard_error(before, before) == 0.0 and paired_standard_error([1], [0]) == 0.0
+    with pytest.raises(ValueError, match="not the same records"):
+        paired_standard_error(before, after[:-1])

@@ -132,3 +132,36 @@ def test_active_parameters_by_hand_on_smoke():
     # per council layer: 2·4 experts, 1 member × 2 experts active; 2·8 micro agents (u, v), 1 × 2 active
     inactive = cfg.n_layers * (per_expert * (8 - 2) + 2 * cfg.dim * (16 - 2))
     assert m.num_parameters(active_only=True) == m.num_parameters() - inactive
+
+
+def _digit_model(seed=0):
+    m = _model(seed, digit_positions=4, digit_ids=tuple(range(10, 20)))
+    with torch.no_grad():
+        m.digit_embed.weight[0].zero_()  # _model redraws every matrix; row 0 is "not a digit"
+    return m
+
+
+def test_digit_index_counts_within_each_run_causally_and_clips():
+    m = _digit_model()
+    ids = torch.tensor([[5, 10, 11, 12, 6, 13, 7, 10, 11, 12, 13, 14, 15]])
+    assert m.digit_index(ids).tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 4, 4]]
+    # continuing a run from the previous token's index, as cached decoding does
+    assert m.digit_index(ids[:, 8:], torch.tensor([1])).tolist() == [[2, 3, 4, 4, 4]]
+    assert m.digit_index(ids[:, 4:6], torch.tensor([3])).tolist() == [[0, 1]]
+
+
+def test_digit_embedding_changes_only_digit_tokens_and_cached_decoding_matches():
+    m = _digit_model()
+    ids = torch.tensor([[5, 10, 11, 6, 7]])
+    diff = (m.embed_tokens(ids) - m.embed(ids)).abs().sum(-1)[0]
+    assert diff[[0, 3, 4]].tolist() == [0, 0, 0] and bool((diff[[1, 2]] > 0).all())
+    x = torch.tensor([[5, 10, 11, 12, 6, 13], [7, 8, 9, 14, 15, 16]])
+    cached = m.generate(x, 12, temperature=0)
+    assert torch.equal(cached, m.generate(x, 12, temperature=0, use_cache=False))
+
+
+def test_digit_positions_need_the_ten_digit_ids():
+    with pytest.raises(ValueError, match="digit_ids"):
+        QuillanConfig.preset("smoke", digit_positions=4)
+    with pytest.raises(ValueError, match="digit_order"):
+        QuillanConfig.preset("smoke", digit_order="reversed")

@@ -21,7 +21,7 @@ from quillan.export.convert import attach_grouped_experts, replace_bank, replace
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.export.plan import BANKS, VARIANTS
 from quillan.export.stats import size_stats
-from quillan.model import Quillan, rope_tables
+from quillan.model import Quillan, derived_buffers
 
 WEIGHTS, METADATA, TOKENIZER = "model.safetensors", "metadata.json", "tokenizer.json"
 
@@ -175,7 +175,8 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
             raise CheckpointError(f"{weights}: module {name} ({precision}) does not match {meta_path}: {e}") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     load_weights(model, state, weights, meta_path, skip=tuple(f"{n}." for n in replaced), assign=True)
-    model.rope_cos, model.rope_sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+    for name, t in derived_buffers(cfg).items():
+        setattr(model, name, t)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise CheckpointError(f"{weights}: no stored value for {name}")

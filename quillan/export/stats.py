@@ -67,7 +67,7 @@ def check_trainable(model: Quillan, tokenizer: Tokenizer, records: list[dict]) -
     model = copy.deepcopy(model).train()
     for p in model.parameters():
         p.requires_grad_(True)
-    data = TokenizedRecords(records[:64], tokenizer, model.cfg.max_seq_len)
+    data = TokenizedRecords(records[:64], tokenizer, model.cfg.max_seq_len, digit_order=model.cfg.digit_order)
     batch = collate([data[i] for i in range(len(data))], data.pad_id)
     out = model(batch["input_ids"], batch["attention_mask"])
     masked_ce(out.logits, batch["labels"]).backward()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from quillan.data.tokenizer import prompt_text, special_ids
+from quillan.data.tokenizer import decode_text, prompt_text, special_ids
 from quillan.data.verify import ANSWER_MARK, extract_answer, is_correct
 from quillan.inference import encode_prompts, left_padded, until_eos
 from quillan.model import Quillan
@@ -59,7 +59,7 @@ def sample_groups(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, 
     was_training = model.training
     model.eval()
     room = model.cfg.max_seq_len - max_new_tokens
-    prompts = encode_prompts(tokenizer, [prompt_text(r) for r in records], room)
+    prompts = encode_prompts(tokenizer, [prompt_text(r) for r in records], room, digit_order=model.cfg.digit_order)
     rows = [p for p in prompts for _ in range(group_size)]
     input_ids, mask = left_padded(rows, sp["pad"])
     seq = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos,
@@ -73,7 +73,7 @@ def sample_groups(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, 
             body = until_eos(row, eos)
             finished = len(body) < len(row)
             comps.append(body + [eos] if finished else body)
-            texts.append(tokenizer.decode(body))
+            texts.append(decode_text(tokenizer, body, model.cfg.digit_order))
             parts.append(reward_parts(rec, texts[-1], finished))
         correct, fmt, error = (torch.tensor(p) for p in zip(*parts))
         lengths = torch.tensor([len(c) for c in comps])

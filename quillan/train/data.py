@@ -10,19 +10,20 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset, Sampler
 
-from quillan.data.tokenizer import prompt_text, special_ids
+from quillan.data.tokenizer import model_text, prompt_text, special_ids
 
 IGNORE = -100
 
 
 class TokenizedRecords(Dataset):
     """Each item: (ids list[int], n_prompt int) — ids = bos + prompt + target + eos, truncated
-    to max_len; the first n_prompt ids are context (no loss)."""
+    to max_len; the first n_prompt ids are context (no loss). Texts as the model reads them
+    (`model_text` with the model's `digit_order`)."""
 
-    def __init__(self, records: list[dict[str, Any]], tokenizer: Tokenizer, max_len: int):
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Tokenizer, max_len: int, *, digit_order: str):
         sp = special_ids(tokenizer)
-        prompts = tokenizer.encode_batch([prompt_text(r) for r in records])
-        targets = tokenizer.encode_batch([r["target"] for r in records])
+        prompts = tokenizer.encode_batch([model_text(prompt_text(r), digit_order) for r in records])
+        targets = tokenizer.encode_batch([model_text(r["target"], digit_order) for r in records])
         self.items = []
         for p, t in zip(prompts, targets):
             ids = ([sp["bos"]] + p.ids + t.ids + [sp["eos"]])[:max_len]

@@ -1,10 +1,12 @@
 from collections import Counter
+import pytest
 
 from quillan.data import DataConfig, build_dataset
 from quillan.data.filters import normalize_text
 from quillan.data.generators import generate_tasks
 from quillan.data.splits import split_records
-from quillan.data.tokenizer import special_ids, train_tokenizer, training_text
+from quillan.data.tokenizer import (decode_text, digit_token_ids, model_text, special_ids, train_tokenizer,
+                                    training_text)
 
 
 def test_splits_disjoint_stratified_and_complete():
@@ -27,6 +29,23 @@ def test_tokenizer_splits_digits_one_per_token_and_round_trips():
     assert tok.decode(enc.ids) == "What is 1234 + 56?"
     assert special_ids(tok) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
     assert tok.get_vocab_size() <= 400
+
+
+def test_model_text_reverses_each_digit_run_and_is_its_own_inverse():
+    text = "Compute 778 plus 457.\nrev 5321\nAnswer: 1235 ([3, 14][0]) -20 x1y"
+    lsb = model_text(text, "lsb")
+    assert lsb == "Compute 877 plus 754.\nrev 1235\nAnswer: 5321 ([3, 41][0]) -02 x1y"
+    assert model_text(lsb, "lsb") == text and model_text(text, "msb") == text
+    with pytest.raises(ValueError, match="digit_order"):
+        model_text(text, "reversed")
+
+
+def test_digit_token_ids_and_decode_text_in_lsb_order():
+    tok = train_tokenizer(["What is 12 + 3456?"] * 3, vocab_size=300)
+    ids = digit_token_ids(tok)
+    assert [tok.id_to_token(i) for i in ids] == [str(d) for d in range(10)]
+    model_ids = tok.encode(model_text("Answer: 1235", "lsb")).ids
+    assert decode_text(tok, model_ids, "lsb") == "Answer: 1235"
 
 
 def test_build_dataset_tokenizer_trained_on_train_only_and_deterministic():

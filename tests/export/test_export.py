@@ -269,6 +269,18 @@ def test_adaptive_plan_exports_binary_agent_banks_in_every_variant(tmp_path):
         assert reloaded.blocks[-1].ffn.binary_weights == (v != "fp16"), v
 
 
+def test_digit_models_export_their_digit_embedding_and_order_in_every_variant(tmp_path):
+    torch.manual_seed(0)
+    base = Quillan(QuillanConfig.preset("smoke", vocab_size=384, digit_order="lsb", digit_positions=8,
+                                        digit_ids=tuple(range(20, 30)))).eval()
+    ids = torch.tensor([[5, 20, 21, 22, 6, 29, 7]])
+    for v, reloaded in _reloaded_variants(base, tmp_path).items():
+        assert (reloaded.cfg.digit_order, reloaded.cfg.digit_ids) == ("lsb", tuple(range(20, 30))), v
+        assert torch.equal(reloaded.digit_embed.weight, base.digit_embed.weight.half().float()), v
+        with torch.no_grad():
+            assert (reloaded(ids).logits - base(ids).logits).abs().max() < 0.05 * base(ids).logits.abs().max(), v
+
+
 def _int4_layers(model):
     from quillan.export.bnb_layers import Int4Linear
 

@@ -165,7 +165,7 @@ def test_trainer_step_raises_the_reward_of_a_toy_verifier():
     model = Quillan(QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size(), diffusion_steps=0))
     # Supervised warm start on a 50/50 mixture of the answers "1" and "2".
     mixed = [{**r, "target": "1" if i % 2 else "2"} for i, r in enumerate(records)]
-    data = TokenizedRecords(mixed, tok, model.cfg.max_seq_len)
+    data = TokenizedRecords(mixed, tok, model.cfg.max_seq_len, digit_order=model.cfg.digit_order)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(60):
         rows = [data[(step * 16 + k) % len(data)] for k in range(16)]

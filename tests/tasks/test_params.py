@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from tasks.params import ConfigError, available_presets, deep_merge, load_params
+from quillan.data.tokenizer import train_tokenizer
 
 
 def _params(tmp_path, body: dict):
@@ -92,9 +93,12 @@ def test_quant_section_reaches_the_model_config_and_only_there():
 
     p = load_params(PARAMS_FILE, overrides={"quant.method": "tequila", "quant.tequila_lambda": 0.01,
                                             "quant.plan": "adaptive"})
-    cfg = p.quillan_config(vocab_size=500)
-    assert (cfg.quant_method, cfg.tequila_lambda, cfg.quant_plan, cfg.vocab_size) == ("tequila", 0.01, "adaptive", 500)
-    default = load_params(PARAMS_FILE).quillan_config(500)
+    tok = train_tokenizer(["What is 12 + 345? Answer: 357"] * 4, vocab_size=300)
+    cfg = p.quillan_config(tok)
+    assert (cfg.quant_method, cfg.tequila_lambda, cfg.quant_plan, cfg.vocab_size) == ("tequila", 0.01, "adaptive",
+                                                                                      tok.get_vocab_size())
+    assert cfg.digit_ids == tuple(tok.token_to_id(str(d)) for d in range(10))
+    default = load_params(PARAMS_FILE).quillan_config(tok)
     assert (default.quant_method, default.quant_plan) == ("absmean", "uniform")
     with pytest.raises(ConfigError, match=r"quant.plan"):
         load_params(PARAMS_FILE, overrides={"quant.plan": "binary"})

@@ -8,7 +8,7 @@ from quillan.train.data import IGNORE, StepBatchSampler, TokenizedRecords, colla
 def test_labels_cover_target_and_eos_only():
     rows = generate_tasks(30, seed=0)
     tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
-    ds = TokenizedRecords(rows[:2], tok, max_len=128)
+    ds = TokenizedRecords(rows[:2], tok, max_len=128, digit_order="msb")
     batch = collate([ds[0], ds[1]], ds.pad_id)
     ids, n_prompt = ds[0]
     target = tok.encode(rows[0]["target"]).ids + [tok.token_to_id("<eos>")]
@@ -25,7 +25,7 @@ def test_prompt_labels_cover_the_prompt_only():
     padding carry no prompt label, and the two label sets never overlap."""
     rows = generate_tasks(30, seed=0)
     tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
-    ds = TokenizedRecords(rows[:3], tok, max_len=128)
+    ds = TokenizedRecords(rows[:3], tok, max_len=128, digit_order="msb")
     batch = collate([ds[0], ds[1], ds[2]], ds.pad_id)
     pl = prompt_labels(batch)
     for i in range(3):
@@ -59,7 +59,7 @@ def test_tokens_seen_counts_the_drawn_batches():
 
     rows = generate_tasks(30, seed=0)
     tok = train_tokenizer((training_text(r) for r in rows), vocab_size=320)
-    ds = TokenizedRecords(rows, tok, max_len=128)
+    ds = TokenizedRecords(rows, tok, max_len=128, digit_order="msb")
     per_epoch = len(ds) // 8
     total = sum(len(ids) for ids, _ in ds.items)
     assert len(ds) == 120  # divisible by the batch: one epoch sees every row exactly once

@@ -17,7 +17,7 @@ from quillan.train.lightning import LambdaWarmup, NonFiniteError, QuillanDataMod
 def tiny():
     rows = generate_tasks(12, seed=0)[:8]
     tok = train_tokenizer((training_text(r) for r in rows), vocab_size=300, min_frequency=1)
-    return TokenizedRecords(rows, tok, 64), tok.get_vocab_size()
+    return TokenizedRecords(rows, tok, 64, digit_order="msb"), tok.get_vocab_size()
 
 
 def _fit(tiny, reference, steps=40, callbacks=(), **train_kw):
