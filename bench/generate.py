@@ -33,7 +33,6 @@ from bench.moe import as_inference
 from quillan.checkpoint import load_model_dir
 from quillan.config import QuillanConfig
 from quillan.export import ExportConfig, convert, load, save
-from quillan.export.layers import Int8Head
 from quillan.export.measure import decode_tokens_per_s, prefill_tokens_per_s
 from quillan.model import Attention, DiffusionRefiner, Quillan
 from quillan.moe import CouncilFFN, SwiGLU
@@ -157,9 +156,8 @@ def gpu_models(seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     base = Quillan(QuillanConfig.preset("gpu")).eval()
     fp32 = as_inference(copy.deepcopy(base), "float")
+    int8_head = convert(copy.deepcopy(base), "ternary", ExportConfig(int8_head=True))[0]  # bench/head.py: its quality
     ternary = convert(base, "ternary", ExportConfig())[0]
-    int8_head = copy.deepcopy(ternary)
-    int8_head.head = Int8Head.from_float(ternary.head.weight)  # bench/head.py measures its quality
     return {"ternary": ternary, "ternary_int8_head": int8_head, "fp32": fp32,
             "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
 

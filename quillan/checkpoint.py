@@ -109,8 +109,8 @@ def load_weights(model: Quillan, state: dict[str, torch.Tensor], weights: Path, 
     meta device, inference only since it unties the head): the tied head gets the embedding, and
     CheckpointError naming `weights` and `config` if keys or shapes do not fit. Keys under a
     prefix in `skip` belong to modules the caller rebuilt itself."""
-    if model.cfg.tie_embeddings and "embed.weight" in state:
-        state["head.weight"] = state["embed.weight"]
+    if model.cfg.tie_embeddings and "embed.weight" in state and not "head.weight".startswith(skip):
+        state["head.weight"] = state["embed.weight"]  # (an export's int8 head was rebuilt by the caller)
     expected = {k for k in model.state_dict() if not k.startswith(skip)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -10,8 +10,8 @@ from torch import nn
 from quillan.bitnet import BitLinear, binary_quantize
 from quillan.config import QuillanConfig
 from quillan.export.bnb_layers import Int4Linear, int8_dequantized, int8_linear, with_bias
-from quillan.export.layers import GroupedTernarySwiGLU, Int8Rows, TernaryLinear
-from quillan.export.plan import BANKS, ExportConfig, variant_plan
+from quillan.export.layers import GroupedTernarySwiGLU, Int8Head, Int8Rows, TernaryLinear
+from quillan.export.plan import BANKS, HEAD, ExportConfig, variant_plan
 from quillan.model import Quillan
 from quillan.moe import CouncilFFN
 
@@ -31,7 +31,7 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
     if isinstance(m, TernaryLinear):
         q = m.ternary().float()
         return q * (m.scale.view(-1, 1) if m.scale.dim() else m.scale)
-    if isinstance(m, Int8Rows):
+    if isinstance(m, (Int8Rows, Int8Head)):
         return m.dequantized()
     if isinstance(m, Int4Linear):
         return m.dequantized()
@@ -83,6 +83,9 @@ def convert(model: Quillan, variant: str, cfg: ExportConfig) -> tuple[Quillan, d
         return model.half().float(), plan  # values rounded to FP16, as stored
     for name, precision in plan.items():
         parent, _, leaf = name.rpartition(".")
+        if name == HEAD:
+            replace_module(model, name, Int8Head.from_float(model.head.weight.detach()))
+            continue
         if leaf in BANKS:
             replace_bank(model.get_submodule(parent), leaf, Int8Rows.from_float(getattr(model.get_submodule(parent), leaf)))
             continue

@@ -18,8 +18,8 @@ from quillan.checkpoint import CheckpointError, load_weights, read_json_file, ve
 from quillan.config import QuillanConfig
 from quillan.export.bnb_layers import Int4Linear, bitsandbytes, int8_from_export, int8_tensors, with_bias
 from quillan.export.convert import attach_grouped_experts, replace_bank, replace_module
-from quillan.export.layers import Int8Rows, TernaryLinear
-from quillan.export.plan import BANKS, VARIANTS
+from quillan.export.layers import Int8Head, Int8Rows, TernaryLinear
+from quillan.export.plan import BANKS, HEAD, VARIANTS
 from quillan.export.stats import size_stats
 from quillan.model import Quillan, derived_buffers
 
@@ -29,7 +29,7 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     """On-disk tensors of one quantized module (keys relative to the module)."""
     if isinstance(m, TernaryLinear):
         return m.export_tensors()
-    if isinstance(m, Int8Rows):
+    if isinstance(m, (Int8Rows, Int8Head)):
         return {"q": m.q, "scale": m.scale}
     if isinstance(m, Int4Linear):
         return m.export_tensors()
@@ -39,7 +39,7 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows, Int4Linear)
+    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows, Int8Head, Int4Linear)
     if any("bitsandbytes" in type(m).__module__ for m in model.modules()):
         kinds += (bitsandbytes().nn.Linear8bitLt,)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -74,7 +74,7 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
     shapes, stored = {}, {}
     for name in plan:
         m = model.get_submodule(name)
-        shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
+        shapes[name] = list(m.q.shape) if isinstance(m, (Int8Rows, Int8Head)) else [m.out_features, m.in_features]
         if isinstance(m, Int4Linear) and (m.inner.out_features, m.inner.in_features) != tuple(shapes[name]):
             stored[name] = [m.inner.out_features, m.inner.in_features]
     with torch.device("meta"):  # the float model's parameter count, nothing allocated
@@ -163,11 +163,14 @@ def load(path: Path | str) -> tuple[Quillan, Tokenizer | None]:
             raise CheckpointError(f"{meta_path}: module {name!r} does not exist in this config") from None
         try:
             t = _take(tensors, name, weights)
-            if leaf in BANKS:
+            if leaf in BANKS or name == HEAD:
                 if list(t["q"].shape) != meta["shapes"][name] or t["q"].dtype != torch.int8:
                     raise ValueError(f"stored {t['q'].dtype} {tuple(t['q'].shape)}, metadata says int8 "
                                      f"{tuple(meta['shapes'][name])}")
-                replace_bank(model.get_submodule(parent), leaf, Int8Rows(t["q"], t["scale"]))
+                if name == HEAD:
+                    replace_module(model, name, Int8Head(t["q"], t["scale"]))
+                else:
+                    replace_bank(model.get_submodule(parent), leaf, Int8Rows(t["q"], t["scale"]))
             else:
                 replace_module(model, name, _rebuild(precision, t, meta["shapes"][name], cfg))
             replaced.append(name)

@@ -208,6 +208,10 @@ class Int8Head(nn.Module):
     def from_float(cls, weight: torch.Tensor) -> "Int8Head":
         return cls(*int8_per_row(weight))
 
+    def dequantized(self) -> torch.Tensor:
+        """The float (vocab, dim) weight the head computes with."""
+        return self.q.float() * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) float → logits (..., vocab) float32."""
         shape = x.shape

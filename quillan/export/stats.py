@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from quillan.bitnet import ternary_quantize
 from quillan.export.convert import dequantized_weight
-from quillan.export.plan import BANKS
+from quillan.export.plan import BANKS, HEAD
 from quillan.model import Quillan
 from quillan.train.data import TokenizedRecords, collate, masked_ce
 
@@ -22,24 +22,28 @@ def layer_stats(source: Quillan, exported: Quillan, plan: dict[str, str]) -> dic
     """Weights in quantized layers, their ternary zero share, and the dequantization error: the
     relative Frobenius error of what the export computes with against the source's ternary
     weights scale·q (what the trained model computes with) and against its latent float weights.
-    Micro-agent banks have no ternary form: both errors use the float bank."""
-    n = zeros = 0
+    Micro-agent banks and the output head have no ternary form: both errors use the float weight,
+    and the zero share counts ternary layers only."""
+    n = n_ternary = zeros = 0
     err_t = err_l = norm_t = norm_l = 0.0
     for name in plan:
         parent, _, leaf = name.rpartition(".")
         if leaf in BANKS:
             latent = ternary = getattr(source.get_submodule(parent), leaf).detach().float()
+        elif name == HEAD:
+            latent = ternary = source.head.weight.detach().float()
         else:
             src = source.get_submodule(name)
             latent, ternary = src.weight.detach().float(), src.ternary_weight().detach().float()
             zeros += int((ternary_quantize(latent, src.per_channel)[0] == 0).sum())
+            n_ternary += latent.numel()
         w = dequantized_weight(exported.get_submodule(name))
         n += latent.numel()
         err_t += float((w - ternary).pow(2).sum())
         norm_t += float(ternary.pow(2).sum())
         err_l += float((w - latent).pow(2).sum())
         norm_l += float(latent.pow(2).sum())
-    return {"quantized_weights": n, "weight_sparsity": zeros / max(n, 1),
+    return {"quantized_weights": n, "weight_sparsity": zeros / max(n_ternary, 1),
             "dequant_error_vs_ternary": (err_t / max(norm_t, 1e-30)) ** 0.5,
             "dequant_error_vs_latent": (err_l / max(norm_l, 1e-30)) ** 0.5}
 

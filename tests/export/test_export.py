@@ -281,6 +281,26 @@ def test_digit_models_export_their_digit_embedding_and_order_in_every_variant(tm
             assert (reloaded(ids).logits - base(ids).logits).abs().max() < 0.05 * base(ids).logits.abs().max(), v
 
 
+def test_int8_head_exports_reload_and_keep_the_embedding_float(base, tmp_path):
+    from quillan.export.layers import Int8Head
+
+    cfg = ExportConfig(int8_head=True)
+    ids = torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(5))
+    for v in VARIANTS:
+        model, plan = convert(copy.deepcopy(base), v, cfg)
+        assert (plan.get("head"), isinstance(model.head, Int8Head)) == ((None, False) if v == "fp16" else ("int8", True)), v
+        meta = save(model, tmp_path / v, v, plan, {})
+        reloaded, _ = load(tmp_path / v)
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids).logits, model(ids).logits) or v == "fp16", v
+            ref = base(ids).logits
+            assert (reloaded(ids).logits - ref).abs().max() < 0.05 * ref.abs().max(), v
+        if v != "fp16":
+            assert meta["shapes"]["head"] == [384, base.cfg.dim]
+            assert torch.equal(reloaded.embed.weight, base.embed.weight.half().float())  # the input side stays FP16
+            assert torch.equal(reloaded.head.q, model.head.q) and reloaded.head.q.dtype == torch.int8
+
+
 def _int4_layers(model):
     from quillan.export.bnb_layers import Int4Linear
 
