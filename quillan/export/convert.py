@@ -31,7 +31,7 @@ def dequantized_weight(m: nn.Module) -> torch.Tensor:
     if isinstance(m, TernaryLinear):
         q = m.ternary().float()
         return q * (m.scale.view(-1, 1) if m.scale.dim() else m.scale)
-    if isinstance(m, (Int8Rows, Int8Head)):
+    if isinstance(m, Int8Rows):
         return m.dequantized()
     if isinstance(m, Int4Linear):
         return m.dequantized()

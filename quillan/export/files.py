@@ -29,7 +29,7 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
     """On-disk tensors of one quantized module (keys relative to the module)."""
     if isinstance(m, TernaryLinear):
         return m.export_tensors()
-    if isinstance(m, (Int8Rows, Int8Head)):
+    if isinstance(m, Int8Rows):
         return {"q": m.q, "scale": m.scale}
     if isinstance(m, Int4Linear):
         return m.export_tensors()
@@ -39,7 +39,7 @@ def _module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows, Int8Head, Int4Linear)
+    kinds: tuple[type, ...] = (TernaryLinear, Int8Rows, Int4Linear)
     if any("bitsandbytes" in type(m).__module__ for m in model.modules()):
         kinds += (bitsandbytes().nn.Linear8bitLt,)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -74,7 +74,7 @@ def save(model: Quillan, directory: Path | str, variant: str, plan: dict[str, st
     shapes, stored = {}, {}
     for name in plan:
         m = model.get_submodule(name)
-        shapes[name] = list(m.q.shape) if isinstance(m, (Int8Rows, Int8Head)) else [m.out_features, m.in_features]
+        shapes[name] = list(m.q.shape) if isinstance(m, Int8Rows) else [m.out_features, m.in_features]
         if isinstance(m, Int4Linear) and (m.inner.out_features, m.inner.in_features) != tuple(shapes[name]):
             stored[name] = [m.inner.out_features, m.inner.in_features]
     with torch.device("meta"):  # the float model's parameter count, nothing allocated

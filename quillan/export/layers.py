@@ -164,12 +164,15 @@ def int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Rows(nn.Module):
-    """A parameter bank (M, P, D) stored as int8 rows with one float scale per row (absmax/127):
-    PyTorch's own int8 path for the micro-agent banks, which bitsandbytes has no module for.
-    Indexing a member, `bank[m]`, returns its dequantized rows (P, D)."""
+    """A float tensor (..., D) stored as int8 rows with one float scale per row (absmax/127): the
+    micro-agent banks (M, P, D), which bitsandbytes has no module for, and (as `Int8Head`) the
+    output head. Indexing a bank's member, `bank[m]`, returns its dequantized rows (P, D)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
+        if q.dtype != torch.int8 or tuple(scale.shape) != (*q.shape[:-1], 1):
+            raise ValueError(f"need int8 q (..., D) and one scale per row (..., 1), got {q.dtype} "
+                             f"{tuple(q.shape)} and {tuple(scale.shape)}")
         self.register_buffer("q", q)
         self.register_buffer("scale", scale.float())
 
@@ -186,31 +189,20 @@ class Int8Rows(nn.Module):
         return F.embedding(idx, self.q.reshape(-1, d)).float() * F.embedding(idx, self.scale.reshape(-1, 1))
 
     def dequantized(self) -> torch.Tensor:
+        """The float tensor the module computes with, q's shape."""
         return self.q.float() * self.scale
 
 
-
-class Int8Head(nn.Module):
-    """The output head (vocab, dim) as int8 weights with one scale per vocabulary row (absmax/127)
-    and per-token int8 activations (BitNet §2's quantizer): logits = (q_x @ qᵀ) · s_x · s_w, the
-    integer product in `torch._int_mm` (oneDNN; VNNI/AMX where the CPU has them). A quarter of the
-    FP32 head's bytes, which is what batch-1 decoding reads for it every token."""
+class Int8Head(Int8Rows):
+    """The output head (vocab, dim) as int8 rows, one scale per vocabulary row, with per-token int8
+    activations (BitNet §2's quantizer): logits = (q_x @ qᵀ) · s_x · s_w, the integer product in
+    `torch._int_mm` (oneDNN; VNNI/AMX where the CPU has them). A quarter of the FP32 head's bytes,
+    which is what batch-1 decoding reads for it every token."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        if q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0], 1):
-            raise ValueError(f"need int8 q (vocab, dim) and scale (vocab, 1), got {q.dtype} {tuple(q.shape)} "
-                             f"and {tuple(scale.shape)}")
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale.float())
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Head":
-        return cls(*int8_per_row(weight))
-
-    def dequantized(self) -> torch.Tensor:
-        """The float (vocab, dim) weight the head computes with."""
-        return self.q.float() * self.scale
+        if q.dim() != 2:
+            raise ValueError(f"need int8 q (vocab, dim), got {tuple(q.shape)}")
+        super().__init__(q, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) float → logits (..., vocab) float32."""

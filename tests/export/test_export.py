@@ -160,6 +160,9 @@ def test_int8_rows_round_trip():
     bank = Int8Rows.from_float(w)
     assert bank.q.dtype == torch.int8
     assert (bank[1] - w[1]).abs().max() <= w.abs().amax() / 127
+    assert torch.equal(bank.rows(torch.tensor([6])), bank.dequantized()[1, 1:2])  # flattened row 6 = (1, 1)
+    with pytest.raises(ValueError, match="one scale per row"):
+        Int8Rows(bank.q, bank.scale[..., 0])
 
 
 def test_fp16_copy_is_trainable(exported):
