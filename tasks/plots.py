@@ -49,7 +49,8 @@ def save_lines(path: Path, series: dict[str, Sequence[tuple[float, float]]], tit
             ax.plot(xs, ys, label=name, marker="o" if len(pts) < 20 else None)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if any(series.values()):
+        ax.legend()
     return _save(fig, path)
 
 

@@ -119,8 +119,22 @@ def initial_model(params: Params, model_cfg: QuillanConfig) -> torch.nn.Module:
     return Quillan(model_cfg)
 
 
+def val_probe(params: Params, tokenizer: Tokenizer):
+    """Greedy accuracy on `train.val_accuracy_size` stratified val records (the benchmark's
+    decoding budget), run at every validation check; None when the size is 0."""
+    n = params.train.val_accuracy_size
+    if not n:
+        return None
+    from quillan.data.splits import stratified_sample
+    from quillan.inference import accuracy_by_domain
+
+    records = stratified_sample(read_jsonl(DATA / "val.jsonl"), n, params.seed)
+    budget = params.benchmark.eval_max_new_tokens
+    return lambda model: accuracy_by_domain(model, tokenizer, records, budget)
+
+
 def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_set, run_id: str | None,
-            reference: bool) -> tuple[torch.nn.Module, dict]:
+            reference: bool, probe=None) -> tuple[torch.nn.Module, dict]:
     """Train one model (resuming from its checkpoint if any); returns (model, history)."""
     import lightning as L
     from lightning.pytorch.loggers import MLFlowLogger
@@ -140,7 +154,8 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
     init_state = None
     if cfg.init_checkpoint:
         init_state = load_model_dir(Path(cfg.init_checkpoint))[0].state_dict()
-    module = QuillanLightning(model_cfg, cfg, params.seed, reference=reference, init_state=init_state)
+    module = QuillanLightning(model_cfg, cfg, params.seed, reference=reference, init_state=init_state,
+                              val_probe=probe)
     history = History()
     callbacks = [history, _atomic_checkpoint_callback(ckpt_dir, cfg.checkpoint_every, cfg.max_steps)]
     if not reference:
@@ -176,7 +191,13 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
     return module.model, hist
 
 
-def _plots(hist: dict, ref_hist: dict | None) -> list[Path]:
+def accuracy_columns(hist: dict) -> list[str]:
+    """The val-row accuracy keys, overall first (empty when the probe was off)."""
+    keys = sorted({k for r in hist["val"] for k in r if k.startswith("val/accuracy")})
+    return sorted(keys, key=lambda k: (k != "val/accuracy", k))
+
+
+def _plots(hist: dict, ref_hist: dict | None, tokens_at: dict[int, int]) -> list[Path]:
     from tasks.plots import save_heatmap, save_lines
 
     PLOTS_DIR.mkdir(exist_ok=True)
@@ -192,20 +213,39 @@ def _plots(hist: dict, ref_hist: dict | None) -> list[Path]:
         last = torch.tensor(hist["expert_load"][-1])  # (layers, M·E) token shares at the last log step
         paths.append(save_heatmap(PLOTS_DIR / "train_expert_load.png", last.numpy(), "expert load (token share), last logged step",
                                   "expert (member·E + e)", "council layer"))
+    # Always written (a DVC output): with the probe off it says so instead of plotting.
+    columns = accuracy_columns(hist)
+    series = {("all" if k == "val/accuracy" else k.rsplit("/", 1)[-1]):
+              [(tokens_at[int(r["step"])] / 1e6, r[k]) for r in hist["val"] if k in r] for k in columns}
+    if ref_hist and accuracy_columns(ref_hist):
+        series["reference (all)"] = [(tokens_at[int(r["step"])] / 1e6, r["val/accuracy"]) for r in ref_hist["val"]]
+    title = ("greedy val accuracy against training tokens" if columns
+             else "greedy val accuracy: not measured (train.val_accuracy_size: 0)")
+    paths.append(save_lines(PLOTS_DIR / "train_accuracy.png", series, title, "training tokens (millions)",
+                            "exact-match accuracy"))
     return paths
 
 
-def _write_curves(hist: dict, ref_hist: dict | None) -> None:
-    """DVC plot files: plots/train_curves.csv (per step) and plots/train_val.csv."""
+def _write_curves(hist: dict, ref_hist: dict | None, tokens_at: dict[int, int]) -> None:
+    """DVC plot files: plots/train_curves.csv (per step) and plots/train_val.csv (per validation
+    check: training tokens so far, val loss, and greedy val accuracy where the probe ran)."""
     ref = {r["step"]: r for r in (ref_hist or {}).get("train", [])}
     rows = ["step,loss,lambda,lr,reference_loss"]
     for r in hist["train"]:
         rl = ref.get(r["step"], {}).get("train/loss", "")
         rows.append(f"{int(r['step'])},{r.get('train/loss', '')},{r.get('lambda', '')},{r.get('lr', '')},{rl}")
     write_text(PLOTS_DIR / "train_curves.csv", "\n".join(rows) + "\n")
-    refv = {r["step"]: r["val/loss"] for r in (ref_hist or {}).get("val", [])}
-    vrows = ["step,val_loss,reference_val_loss"] + [f"{int(r['step'])},{r['val/loss']},{refv.get(r['step'], '')}"
-                                                    for r in hist["val"]]
+    refv = {r["step"]: r for r in (ref_hist or {}).get("val", [])}
+    columns = accuracy_columns(hist)
+    names = [k.replace("val/", "").replace("/", "_") for k in columns]
+    vrows = [",".join(["step", "tokens", "val_loss", "reference_val_loss", *names]
+                      + (["reference_accuracy"] if columns and ref_hist else []))]
+    for r in hist["val"]:
+        cells = [int(r["step"]), tokens_at[int(r["step"])], r["val/loss"], refv.get(r["step"], {}).get("val/loss", "")]
+        cells += [r.get(k, "") for k in columns]
+        if columns and ref_hist:
+            cells.append(refv.get(r["step"], {}).get("val/accuracy", ""))
+        vrows.append(",".join(str(c) for c in cells))
     write_text(PLOTS_DIR / "train_val.csv", "\n".join(vrows) + "\n")
 
 
@@ -224,12 +264,14 @@ def run(params: Params) -> dict:
     with ctx as tracker:
         run_id = tracker.run_id if tracker else None
         t0 = time.perf_counter()
-        model, hist = fit_one("ternary", params, model_cfg, train_set, val_set, run_id, reference=False)
+        probe = val_probe(params, tokenizer)
+        model, hist = fit_one("ternary", params, model_cfg, train_set, val_set, run_id, reference=False, probe=probe)
         seconds = time.perf_counter() - t0
         ref_model = ref_hist = None
         if cfg.fp_reference:
             t1 = time.perf_counter()
-            ref_model, ref_hist = fit_one("reference", params, model_cfg, train_set, val_set, run_id, reference=True)
+            ref_model, ref_hist = fit_one("reference", params, model_cfg, train_set, val_set, run_id, reference=True,
+                                          probe=probe)
             ref_seconds = time.perf_counter() - t1
         if not is_zero:
             return {}
@@ -253,9 +295,17 @@ def run(params: Params) -> dict:
             metrics["reference"] = {"val_loss": rev["loss"], "val_perplexity": rev["perplexity"],
                                     "train_seconds": round(ref_seconds, 1)}
             metrics["ternary_vs_reference_val_loss"] = ev["loss"] / rev["loss"]
+        sampler = step_sampler(train_set, cfg, params.seed)
+        tokens_at = {int(r["step"]): tokens_seen(train_set, sampler, int(r["step"]))
+                     for h in (hist, ref_hist or {"val": []}) for r in h["val"]}
+        if hist["val"] and "val/accuracy" in hist["val"][-1]:
+            last = hist["val"][-1]
+            metrics["ternary"]["val_accuracy"] = {"records": cfg.val_accuracy_size, "all": last["val/accuracy"],
+                                                  **{k.rsplit("/", 1)[-1]: v for k, v in last.items()
+                                                     if k.startswith("val/accuracy/")}}
         path = write_metrics("train", metrics)
-        _write_curves(hist, ref_hist)
-        for p in _plots(hist, ref_hist):
+        _write_curves(hist, ref_hist, tokens_at)
+        for p in _plots(hist, ref_hist, tokens_at):
             tracker.log_artifact(p, "plots")
         tracker.log_metrics({"final": metrics})
         tracker.log_artifact(path)

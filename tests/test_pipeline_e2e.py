@@ -83,8 +83,20 @@ def test_pipeline_flow_dvc_and_gate(smoke_runs, tmp_path):
     assert train_metrics["ternary"]["val_loss"] < math.log(vocab) - 1.5
     assert train_metrics["reference"]["val_loss"] < math.log(vocab) - 1.5
     for rel in ("models/train/model.safetensors", "models/train/reference/model.safetensors", "models/calibration.json",
-                "plots/train_loss.png", "plots/train_lambda.png", "plots/train_expert_load.png"):
+                "plots/train_loss.png", "plots/train_lambda.png", "plots/train_expert_load.png",
+                "plots/train_accuracy.png"):
         assert (root / rel).exists(), rel
+    # The greedy val-accuracy probe (16 records at each of the smoke run's 2 checks), per domain,
+    # against the training tokens seen so far.
+    header, *val_rows = (root / "plots/train_val.csv").read_text().splitlines()
+    assert header.split(",") == ["step", "tokens", "val_loss", "reference_val_loss", "accuracy", "accuracy_code",
+                                 "accuracy_math", "accuracy_reasoning", "accuracy_writing", "reference_accuracy"]
+    cells = [row.split(",") for row in val_rows]
+    assert [int(c[0]) for c in cells] == [20, 40]
+    assert 0 < int(cells[0][1]) < int(cells[1][1])
+    assert all(0.0 <= float(x) <= 1.0 for c in cells for x in c[4:])
+    probe = train_metrics["ternary"]["val_accuracy"]
+    assert probe["records"] == 16 and probe["all"] == float(cells[-1][4])
     metrics = json.loads((root / "metrics/generate.json").read_text())
     assert metrics["splits"]["train"]["count"] > metrics["splits"]["test"]["count"] > 0
     assert set(metrics["splits"]["train"]["by_domain"]) == {"math", "code", "reasoning", "writing"}

@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
     diffusion_loss_weight: float = Field(0.1, ge=0, description="denoising loss weight")
     val_every: int = Field(100, ge=1, description="validate every N steps (and at the end)")
     val_batches: int = Field(8, ge=1, description="validation batches per check")
+    val_accuracy_size: int = Field(0, ge=0, description="stratified val records decoded greedily at every validation "
+                                   "check: val/accuracy overall and per domain against training tokens (0: off)")
     checkpoint_every: int = Field(100, ge=1, description="resumable checkpoint every N steps")
     log_every: int = Field(10, ge=1, description="MLflow/Lightning logging interval, steps")
     fp_reference: bool = Field(False, description="also train a full-precision reference (λ = 0)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -82,10 +82,14 @@ class QuillanLightning(L.LightningModule):
 
     loss = CE(answer tokens) + w_prompt·CE(prompt tokens) + w_aux·load_balance + w_z·z_loss + w_diff·denoising
     `reference=True` builds the full-precision reference (every BitLinear a plain Linear, λ = 0).
+    `val_probe(model)`, if given, runs at every validation check and returns
+    `quillan.inference.accuracy_by_domain`'s dict; its overall and per-domain accuracy are logged
+    as `val/accuracy` and `val/accuracy/<domain>`.
     """
 
     def __init__(self, model_cfg: QuillanConfig, cfg: TrainConfig, seed: int, reference: bool = False,
-                 init_state: dict[str, torch.Tensor] | None = None):
+                 init_state: dict[str, torch.Tensor] | None = None,
+                 val_probe: Callable[[torch.nn.Module], dict[str, Any]] | None = None):
         super().__init__()
         if reference:
             model_cfg = QuillanConfig(**{**model_cfg.to_dict(), "quantize": False})
@@ -93,7 +97,7 @@ class QuillanLightning(L.LightningModule):
         self.model = Quillan(model_cfg)
         if init_state is not None:
             self.model.load_state_dict(init_state)
-        self.cfg, self.seed, self.reference = cfg, seed, reference
+        self.cfg, self.seed, self.reference, self.val_probe = cfg, seed, reference, val_probe
         if reference:
             set_lambda(self.model, 0.0)
         self._t0 = None
@@ -166,6 +170,13 @@ class QuillanLightning(L.LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss.clamp(max=30)), sync_dist=True)
+        if self.val_probe is not None and not self.trainer.sanity_checking:
+            # The model as it is at this step (λ included); greedy decoding draws no random numbers,
+            # and every training step reseeds, so the probe leaves the run's trajectory unchanged.
+            acc = self.val_probe(self.model)
+            self.log("val/accuracy", float(acc["accuracy"]))
+            for domain, value in sorted(acc["by_domain"].items()):
+                self.log(f"val/accuracy/{domain}", float(value))
 
     def configure_optimizers(self):
         c = self.cfg
@@ -227,9 +238,12 @@ class History(L.Callback):
         self.train_rows.append(row)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+        m = trainer.callback_metrics
+        if trainer.sanity_checking or "val/loss" not in m:
             return
-        self.val_rows.append({"step": float(trainer.global_step), "val/loss": float(trainer.callback_metrics["val/loss"])})
+        row = {"step": float(trainer.global_step), "val/loss": float(m["val/loss"])}
+        row.update({k: float(v) for k, v in m.items() if k.startswith("val/accuracy")})
+        self.val_rows.append(row)
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_rows": self.train_rows, "val_rows": self.val_rows}

@@ -104,3 +104,46 @@ def test_prompt_loss_weight_adds_the_prompt_tokens_loss(tiny):
     assert logged["train/prompt_loss"] > 0 and abs(loss - logged["train/total_loss"]) < 1e-5
     assert 0 <= aux < 0.1  # the router terms, weighted 0.01 and 0.001
     assert int((prompt_labels(batch) != -100).sum()) > int((batch["labels"] != -100).sum())
+
+
+def test_val_probe_is_logged_at_each_check_and_leaves_training_unchanged():
+    """The greedy-accuracy probe runs at every validation check, its overall and per-domain values
+    land in History's val rows, and the weights after training are the same bits as without it."""
+    from quillan.inference import accuracy_by_domain
+    from quillan.train.lightning import History
+
+    rows = generate_tasks(12, seed=0)[:8]
+    tok = train_tokenizer((training_text(r) for r in rows), vocab_size=300, min_frequency=1)
+    data = TokenizedRecords(rows, tok, 64, digit_order="msb")
+    cfg = TrainConfig(max_steps=10, batch_size=8, lr=5e-3, lr_warmup_steps=2, val_every=5, val_batches=1,
+                      log_every=1, warmup_frac=0.2)
+    calls = []
+
+    def probe(model):
+        calls.append(model.training)
+        return accuracy_by_domain(model, tok, rows, 8)
+
+    def fit(val_probe):
+        module = QuillanLightning(QuillanConfig.preset("smoke", vocab_size=tok.get_vocab_size(), diffusion_steps=0),
+                                  cfg, seed=0, val_probe=val_probe)
+        history = History()
+        trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
+                            use_distributed_sampler=False,
+                            callbacks=[history, LambdaWarmup(10, cfg.warmup_frac, cfg.lambda_schedule)])
+        trainer.fit(module, datamodule=QuillanDataModule(data, data, cfg, seed=0))
+        return module, history
+
+    with_probe, history = fit(probe)
+    without, plain = fit(None)
+    assert calls == [False, False]  # twice (steps 5 and 10), the model in eval mode
+    assert [r["step"] for r in history.val_rows] == [5.0, 10.0]
+    domains = {r["domain"] for r in rows}
+    for r in history.val_rows:
+        assert set(r) == {"step", "val/loss", "val/accuracy", *(f"val/accuracy/{d}" for d in domains)}
+        assert 0.0 <= r["val/accuracy"] <= 1.0
+    assert all(set(r) == {"step", "val/loss"} for r in plain.val_rows)
+    assert [r["val/loss"] for r in history.val_rows] == [r["val/loss"] for r in plain.val_rows]
+    for (name, a), b in zip(with_probe.model.state_dict().items(), without.model.state_dict().values()):
+        assert torch.equal(a, b), name
