@@ -27,7 +27,7 @@ from quillan.config import QuillanConfig
 from quillan.machine import usable_cores
 from quillan.model import Quillan
 from quillan.train.config import TrainConfig
-from quillan.train.data import TokenizedRecords, step_sampler, tokens_seen
+from quillan.train.data import TokenizedRecords, step_sampler, tokens_by_step
 from quillan.train.evaluate import evaluate_loss
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
@@ -197,7 +197,7 @@ def accuracy_columns(hist: dict) -> list[str]:
     return sorted(keys, key=lambda k: (k != "val/accuracy", k))
 
 
-def _plots(hist: dict, ref_hist: dict | None, tokens_at: dict[int, int]) -> list[Path]:
+def _plots(hist: dict, ref_hist: dict | None, tokens_at: list[int]) -> list[Path]:
     from tasks.plots import save_heatmap, save_lines
 
     PLOTS_DIR.mkdir(exist_ok=True)
@@ -226,7 +226,7 @@ def _plots(hist: dict, ref_hist: dict | None, tokens_at: dict[int, int]) -> list
     return paths
 
 
-def _write_curves(hist: dict, ref_hist: dict | None, tokens_at: dict[int, int]) -> None:
+def _write_curves(hist: dict, ref_hist: dict | None, tokens_at: list[int]) -> None:
     """DVC plot files: plots/train_curves.csv (per step) and plots/train_val.csv (per validation
     check: training tokens so far, val loss, and greedy val accuracy where the probe ran)."""
     ref = {r["step"]: r for r in (ref_hist or {}).get("train", [])}
@@ -278,7 +278,8 @@ def run(params: Params) -> dict:
         from quillan.bitnet import weight_sparsity, zero_exit_share
 
         ev = evaluate_loss(model, val_set)
-        n_tokens = tokens_seen(train_set, step_sampler(train_set, cfg, params.seed), cfg.max_steps)
+        tokens_at = tokens_by_step(train_set, step_sampler(train_set, cfg, params.seed), cfg.max_steps)
+        n_tokens = tokens_at[-1]
         metrics = {"steps": cfg.max_steps, "lambda_schedule": cfg.lambda_schedule,
                    "ternary": {"val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                "weight_sparsity": weight_sparsity(model),
@@ -295,9 +296,6 @@ def run(params: Params) -> dict:
             metrics["reference"] = {"val_loss": rev["loss"], "val_perplexity": rev["perplexity"],
                                     "train_seconds": round(ref_seconds, 1)}
             metrics["ternary_vs_reference_val_loss"] = ev["loss"] / rev["loss"]
-        sampler = step_sampler(train_set, cfg, params.seed)
-        tokens_at = {int(r["step"]): tokens_seen(train_set, sampler, int(r["step"]))
-                     for h in (hist, ref_hist or {"val": []}) for r in h["val"]}
         if hist["val"] and "val/accuracy" in hist["val"][-1]:
             last = hist["val"][-1]
             metrics["ternary"]["val_accuracy"] = {"records": cfg.val_accuracy_size, "all": last["val/accuracy"],

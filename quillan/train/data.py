@@ -135,7 +135,16 @@ def step_sampler(data: TokenizedRecords, cfg, seed: int, rank: int = 0, world_si
     return ClusterBalancedSampler(labels, cfg.batch_size, cfg.max_steps, seed, rank=rank, world_size=world_size)
 
 
+def tokens_by_step(data: TokenizedRecords, sampler, total_steps: int) -> list[int]:
+    """Cumulative real (unpadded) tokens that `sampler` draws: element s is the count over steps
+    [0, s), for s = 0 … total_steps (length total_steps + 1)."""
+    lengths = [len(ids) for ids, _ in data.items]
+    out = [0]
+    for step in range(total_steps):
+        out.append(out[-1] + sum(lengths[i] for i in sampler.batch_indices(step)))
+    return out
+
+
 def tokens_seen(data: TokenizedRecords, sampler, total_steps: int) -> int:
     """Real (unpadded) tokens in the batches of steps [0, total_steps) that `sampler` draws."""
-    lengths = [len(ids) for ids, _ in data.items]
-    return sum(lengths[i] for step in range(total_steps) for i in sampler.batch_indices(step))
+    return tokens_by_step(data, sampler, total_steps)[-1]
