@@ -28,7 +28,7 @@ from quillan.machine import usable_cores
 from quillan.model import Quillan
 from quillan.train.config import TrainConfig
 from quillan.train.data import TokenizedRecords, step_sampler, tokens_by_step
-from quillan.train.evaluate import evaluate_loss
+from quillan.train.evaluate import VAL_ACCURACY, evaluate_loss
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
 from tasks.tracking import file_md5, stage_run, tracking_uri
@@ -193,8 +193,8 @@ def fit_one(name: str, params: Params, model_cfg: QuillanConfig, train_set, val_
 
 def accuracy_columns(hist: dict) -> list[str]:
     """The val-row accuracy keys, overall first (empty when the probe was off)."""
-    keys = sorted({k for r in hist["val"] for k in r if k.startswith("val/accuracy")})
-    return sorted(keys, key=lambda k: (k != "val/accuracy", k))
+    keys = sorted({k for r in hist["val"] for k in r if k.startswith(VAL_ACCURACY)})
+    return sorted(keys, key=lambda k: (k != VAL_ACCURACY, k))
 
 
 def _plots(hist: dict, ref_hist: dict | None, tokens_at: list[int]) -> list[Path]:
@@ -215,10 +215,10 @@ def _plots(hist: dict, ref_hist: dict | None, tokens_at: list[int]) -> list[Path
                                   "expert (member·E + e)", "council layer"))
     # Always written (a DVC output): with the probe off it says so instead of plotting.
     columns = accuracy_columns(hist)
-    series = {("all" if k == "val/accuracy" else k.rsplit("/", 1)[-1]):
+    series = {("all" if k == VAL_ACCURACY else k.rsplit("/", 1)[-1]):
               [(tokens_at[int(r["step"])] / 1e6, r[k]) for r in hist["val"] if k in r] for k in columns}
     if ref_hist and accuracy_columns(ref_hist):
-        series["reference (all)"] = [(tokens_at[int(r["step"])] / 1e6, r["val/accuracy"]) for r in ref_hist["val"]]
+        series["reference (all)"] = [(tokens_at[int(r["step"])] / 1e6, r[VAL_ACCURACY]) for r in ref_hist["val"]]
     title = ("greedy val accuracy against training tokens" if columns
              else "greedy val accuracy: not measured (train.val_accuracy_size: 0)")
     paths.append(save_lines(PLOTS_DIR / "train_accuracy.png", series, title, "training tokens (millions)",
@@ -244,7 +244,7 @@ def _write_curves(hist: dict, ref_hist: dict | None, tokens_at: list[int]) -> No
         cells = [int(r["step"]), tokens_at[int(r["step"])], r["val/loss"], refv.get(r["step"], {}).get("val/loss", "")]
         cells += [r.get(k, "") for k in columns]
         if columns and ref_hist:
-            cells.append(refv.get(r["step"], {}).get("val/accuracy", ""))
+            cells.append(refv.get(r["step"], {}).get(VAL_ACCURACY, ""))
         vrows.append(",".join(str(c) for c in cells))
     write_text(PLOTS_DIR / "train_val.csv", "\n".join(vrows) + "\n")
 
@@ -296,11 +296,11 @@ def run(params: Params) -> dict:
             metrics["reference"] = {"val_loss": rev["loss"], "val_perplexity": rev["perplexity"],
                                     "train_seconds": round(ref_seconds, 1)}
             metrics["ternary_vs_reference_val_loss"] = ev["loss"] / rev["loss"]
-        if hist["val"] and "val/accuracy" in hist["val"][-1]:
+        if hist["val"] and VAL_ACCURACY in hist["val"][-1]:
             last = hist["val"][-1]
-            metrics["ternary"]["val_accuracy"] = {"records": cfg.val_accuracy_size, "all": last["val/accuracy"],
+            metrics["ternary"]["val_accuracy"] = {"records": cfg.val_accuracy_size, "all": last[VAL_ACCURACY],
                                                   **{k.rsplit("/", 1)[-1]: v for k, v in last.items()
-                                                     if k.startswith("val/accuracy/")}}
+                                                     if k.startswith(VAL_ACCURACY + "/")}}
         path = write_metrics("train", metrics)
         _write_curves(hist, ref_hist, tokens_at)
         for p in _plots(hist, ref_hist, tokens_at):

@@ -1,4 +1,4 @@
-"""Held-out loss of a model on tokenized records (no Lightning)."""
+"""Held-out loss of a model on tokenized records (no Lightning), and the names of val metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import torch
 
 from quillan.model import Quillan
 from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce
+
+# The train stage's greedy val-accuracy metric: overall under this key, per domain under
+# f"{VAL_ACCURACY}/<domain>" (MLflow, History rows, plots/train_val.csv columns).
+VAL_ACCURACY = "val/accuracy"
 
 
 @torch.no_grad()

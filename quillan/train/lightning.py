@@ -19,6 +19,7 @@ from quillan.config import QuillanConfig
 from quillan.model import Quillan
 from quillan.errors import NonFiniteError
 from quillan.train.config import TrainConfig
+from quillan.train.evaluate import VAL_ACCURACY
 from quillan.train.data import IGNORE, TokenizedRecords, collate, masked_ce, prompt_labels, step_sampler
 from quillan.train.schedules import lambda_at, lr_at
 
@@ -174,9 +175,9 @@ class QuillanLightning(L.LightningModule):
             # The model as it is at this step (λ included); greedy decoding draws no random numbers,
             # and every training step reseeds, so the probe leaves the run's trajectory unchanged.
             acc = self.val_probe(self.model)
-            self.log("val/accuracy", float(acc["accuracy"]))
+            self.log(VAL_ACCURACY, float(acc["accuracy"]))
             for domain, value in sorted(acc["by_domain"].items()):
-                self.log(f"val/accuracy/{domain}", float(value))
+                self.log(f"{VAL_ACCURACY}/{domain}", float(value))
 
     def configure_optimizers(self):
         c = self.cfg
@@ -242,7 +243,7 @@ class History(L.Callback):
         if trainer.sanity_checking or "val/loss" not in m:
             return
         row = {"step": float(trainer.global_step), "val/loss": float(m["val/loss"])}
-        row.update({k: float(v) for k, v in m.items() if k.startswith("val/accuracy")})
+        row.update({k: float(v) for k, v in m.items() if k.startswith(VAL_ACCURACY)})
         self.val_rows.append(row)
 
     def state_dict(self) -> dict[str, Any]:
