@@ -2,8 +2,9 @@
 
 The shared library is compiled from `ternary.cpp` with the system C++ compiler (`-O3
 -march=native -fopenmp`, so the library takes the widest instruction path this CPU has:
-AVX-512 VNNI, AVX2 or scalar, named by `path()`; `QUILLAN_KERNEL_ARCH` sets another `-march`,
-e.g. `haswell` for the AVX2 path or `x86-64` for the scalar one) by `make install` (`python -m quillan.kernels`), or on first use, into
+AMX int8 tiles (with AVX-512 VNNI for small batches), AVX-512 VNNI, AVX2 or scalar, named by
+`path()`; `QUILLAN_KERNEL_ARCH` sets another `-march`, e.g. `cascadelake` for the VNNI path without
+AMX, `haswell` for the AVX2 path or `x86-64` for the scalar one) by `make install` (`python -m quillan.kernels`), or on first use, into
 a cache keyed by the source, the flags and this CPU's feature flags
 (`$QUILLAN_KERNEL_CACHE`, default `~/.cache/quillan/kernels`). Where it cannot be built, `library()`
 returns None after one warning and callers use PyTorch's int8 path.
@@ -31,7 +32,7 @@ from quillan.machine import cpu_flags
 SOURCE = Path(__file__).with_name("ternary.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
-PATHS = ("avx512_vnni", "avx2", "scalar")  # ternary.cpp's instruction paths, widest first
+PATHS = ("amx_int8", "avx512_vnni", "avx2", "scalar")  # ternary.cpp's instruction paths, widest first
 
 _lib: ctypes.CDLL | None = None
 _tried = False

@@ -13,6 +13,11 @@
 //   Intel SDM vol. 2C) on 64 codes at a time, straight into int32 (no int16 stage). Two 128-weight
 //   blocks share one 64-byte load; the activations are re-laid once per call to match
 //   (`interleave_pairs`), as ik_llama.cpp's iq2_bn_r4 AVX-512 path does with its own layout.
+// - amx_int8 (the avx512_vnni build on CPUs with AMX, where Linux grants the tile state): groups of
+//   ≥ AMX_MIN_ROWS activation rows run on AMX tiles (Intel SDM vol. 2, TDPBUSD: a 16×64 u8 tile times
+//   a 64×16 s8 tile in VNNI layout, summed into a 16×16 int32 tile). A chunk of weight rows is decoded
+//   once into u8 code tiles and meets every 16-row block of activations, re-laid once per call; rows
+//   of fewer than AMX_MIN_ROWS (batch-1 decoding) keep the VPDPBUSD loop. Exact int32 sums either way.
 // - avx2: `_mm256_maddubs_epi16` (unsigned codes × signed activations). |q_x| ≤ 127, so one
 //   maddubs lane is at most 2·2·127 = 508 in magnitude and 32 of them fit in int16 before widening.
 // - scalar: plain loops, for CPUs without AVX2.
@@ -27,12 +32,30 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__) && defined(__AVX512VL__)
 #define QK_VNNI 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define QK_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
+#if defined(QK_AMX)
+// Linux hands out the 8 KiB AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, Documentation/arch/x86/xstate.rst), once per process; without it the first
+// tile instruction faults, so a refusal keeps the VPDPBUSD path.
+static bool amx_granted() {
+    static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+}
 #endif
 
 extern "C" int qk_version() { return 2; }
 
-// The path this build runs: "avx512_vnni", "avx2" or "scalar".
+// The path this build runs: "amx_int8", "avx512_vnni", "avx2" or "scalar".
 extern "C" const char* qk_path() {
+#if defined(QK_AMX)
+    if (amx_granted()) return "amx_int8";
+#endif
 #if defined(QK_VNNI)
     return "avx512_vnni";
 #elif defined(__AVX2__)
@@ -254,6 +277,124 @@ static void gemm_block(const int8_t* xq, int64_t x_stride, const float* xs, cons
     }
 }
 
+#if defined(QK_AMX)
+// Groups with at least this many activation rows run on AMX tiles (a tile holds 16 rows; below
+// that the VPDPBUSD loop wastes less).
+static const int64_t AMX_MIN_ROWS = 16;
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows × 64 bytes: tmm0-3 int32 accumulators (16 × 16), tmm4-5 u8 codes (16 weight
+// rows × 64 codes), tmm6-7 s8 activations (64 values × 16 rows, VNNI layout).
+static void amx_configure() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+// Activation rows [m_begin, m_end) of xq (rows K_pad apart) as TDPBUSD's B operand: for each block of
+// 16 rows (zeros past m_end) and each 64-value slice kc of K, a 1 KiB tile whose row r holds, for
+// m = 0..15, the 4 values x[m, 64·kc + 4r .. 64·kc + 4r + 3].
+static void amx_layout_rows(const int8_t* xq, int64_t K_pad, int64_t m_begin, int64_t m_end, int8_t* out) {
+    const int64_t nk = K_pad / 64, blocks = (m_end - m_begin + 15) / 16;
+    std::memset(out, 0, (size_t)(blocks * nk * 1024));
+    for (int64_t m = m_begin; m < m_end; ++m) {
+        const int64_t b = (m - m_begin) / 16, mm = (m - m_begin) % 16;
+        const int8_t* src = xq + m * K_pad;
+        for (int64_t kc = 0; kc < nk; ++kc) {
+            int8_t* tile = out + (b * nk + kc) * 1024;
+            for (int r = 0; r < 16; ++r) std::memcpy(tile + r * 64 + mm * 4, src + kc * 64 + r * 4, 4);
+        }
+    }
+}
+
+// Weight rows [n_begin, n_end) of w (I2 layout) as TDPBUSD's A operand: for each block of 16 rows
+// (code 0 past n_end) and each slice kc, a 1 KiB tile whose row n holds codes 64·kc .. 64·kc + 63.
+// Slice kc is half h = kc % 2 of 128-weight block kc / 2: weights 32i + j (i = 2h, 2h + 1) sit in
+// bits [2i, 2i + 1] of byte j, so one 32-byte load and two shift-and-masks give the 64 codes.
+static void amx_decode_rows(const uint8_t* w, int64_t K_pad, int64_t n_begin, int64_t n_end, uint8_t* out) {
+    const int64_t nk = K_pad / 64, row_bytes = K_pad / 4, blocks = (n_end - n_begin + 15) / 16;
+    const __m256i mask = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int r = 0; r < 16; ++r) {
+            const int64_t n = n_begin + b * 16 + r;
+            for (int64_t kc = 0; kc < nk; ++kc) {
+                uint8_t* dst = out + (b * nk + kc) * 1024 + r * 64;
+                if (n >= n_end) { std::memset(dst, 0, 64); continue; }
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(w + n * row_bytes + (kc / 2) * 32));
+                const int sh = 4 * (int)(kc % 2);
+                _mm256_storeu_si256((__m256i*)dst, _mm256_and_si256(_mm256_srli_epi16(v, sh), mask));
+                _mm256_storeu_si256((__m256i*)(dst + 32), _mm256_and_si256(_mm256_srli_epi16(v, sh + 2), mask));
+            }
+        }
+}
+
+// Two 16-row weight blocks (a0, a1) × two 16-row activation blocks (b0, b1) over nk slices into
+// out[4][16][16] (weight row × activation row): tile t = 2·(weight block) + (activation block).
+// A missing second block (a1 or b1 null) is skipped.
+static void amx_block(const uint8_t* a0, const uint8_t* a1, const int8_t* b0, const int8_t* b1, int64_t nk,
+                      int32_t* out) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kc = 0; kc < nk; ++kc) {
+        _tile_loadd(4, a0 + kc * 1024, 64);
+        _tile_loadd(6, b0 + kc * 1024, 64);
+        _tile_dpbusd(0, 4, 6);
+        if (b1) { _tile_loadd(7, b1 + kc * 1024, 64); _tile_dpbusd(1, 4, 7); }
+        if (a1) {
+            _tile_loadd(5, a1 + kc * 1024, 64);
+            _tile_dpbusd(2, 5, 6);
+            if (b1) _tile_dpbusd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, out, 64); _tile_stored(1, out + 256, 64);
+    _tile_stored(2, out + 512, 64); _tile_stored(3, out + 768, 64);
+}
+
+// gemm_block's product on AMX: activation rows [m_begin, m_end) (laid out by amx_layout_rows into xa)
+// against weight rows [n_begin, n_end), with gemm_block's epilogue (the same float operations).
+static void amx_gemm_block(const int8_t* xa, const float* xs, const int32_t* rowsum, int64_t m_begin, int64_t m_end,
+                           int64_t K_pad, const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N,
+                           const float* scale, int64_t scale_stride, float* y, uint8_t* codes) {
+    const int64_t nk = K_pad / 64, mblocks = (m_end - m_begin + 15) / 16, nblocks = (n_end - n_begin + 15) / 16;
+    amx_decode_rows(w, K_pad, n_begin, n_end, codes);
+    alignas(64) int32_t acc[4 * 256];
+    for (int64_t nb = 0; nb < nblocks; nb += 2)
+        for (int64_t mb = 0; mb < mblocks; mb += 2) {
+            const bool n2 = nb + 1 < nblocks, m2 = mb + 1 < mblocks;
+            amx_block(codes + nb * nk * 1024, n2 ? codes + (nb + 1) * nk * 1024 : nullptr, xa + mb * nk * 1024,
+                      m2 ? xa + (mb + 1) * nk * 1024 : nullptr, nk, acc);
+            // The tiles hold (weight row, activation row); y is (activation row, weight row): write
+            // along y's rows, read the 16×16 tile down its columns (in L1).
+            for (int t = 0; t < 4; ++t) {
+                const int64_t n0 = n_begin + (nb + t / 2) * 16, m0 = m_begin + (mb + t % 2) * 16;
+                const int ni = n_end - n0 < 16 ? (int)(n_end - n0) : 16, mj = m_end - m0 < 16 ? (int)(m_end - m0) : 16;
+                if (ni <= 0 || mj <= 0) continue;
+                const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                                           2, 1, 0), _mm512_set1_epi32(16));
+                const __m512 sc = scale_stride == 0 ? _mm512_set1_ps(scale[0])
+                                  : ni == 16 ? _mm512_loadu_ps(scale + n0) : _mm512_setzero_ps();  // no read past the end
+                for (int j = 0; j < mj; ++j) {
+                    const int32_t rs = rowsum[m0 + j];
+                    const float x_s = xs[m0 + j];
+                    float* yr = y + (m0 + j) * N + n0;
+                    if (ni == 16) {  // the same IEEE operations lane by lane as the scalar line below
+                        const __m512i a = _mm512_i32gather_epi32(column, acc + t * 256 + j, 4);
+                        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, _mm512_set1_epi32(rs)));
+                        _mm512_storeu_ps(yr, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_s)), sc));
+                        continue;
+                    }
+                    for (int i = 0; i < ni; ++i)
+                        yr[i] = ((float)(acc[t * 256 + i * 16 + j] - rs) * x_s) * scale[(n0 + i) * scale_stride];
+                }
+            }
+        }
+}
+#endif
+
 // Grouped (MoE) product, one call for every expert: rows [offsets[g], offsets[g + 1]) of x (M, K)
 // are multiplied by weight matrix g of w (G, N, K_pad / 4) with per-row scales scale (G, N).
 // Rows are grouped by expert beforehand (sorted assignments); each (group, column chunk) pair is
@@ -273,18 +414,55 @@ static void grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, 
     const int8_t* xv = xq;
 #endif
     const int64_t n_chunks = (N + CHUNK - 1) / CHUNK, row_bytes = K_pad / 4;
+#if defined(QK_AMX)
+    // Groups of at least AMX_MIN_ROWS rows get the AMX layout (xa_at[g] its first tile; -1: none).
+    const bool amx = amx_granted();
+    int64_t* xa_at = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)G);
+    int64_t xa_bytes = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = offsets[g + 1] - offsets[g];
+        xa_at[g] = amx && rows >= AMX_MIN_ROWS ? xa_bytes : -1;
+        if (xa_at[g] >= 0) xa_bytes += (rows + 15) / 16 * (K_pad / 64) * 1024;
+    }
+    int8_t* xa = (int8_t*)std::aligned_alloc(64, (size_t)(xa_bytes > 0 ? xa_bytes : 64));
+    for (int64_t g = 0; g < G; ++g)
+        if (xa_at[g] >= 0) amx_layout_rows(xq, K_pad, offsets[g], offsets[g + 1], xa + xa_at[g]);
+#endif
     int64_t* work = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)(G * n_chunks + 1));
     int64_t n_work = 0;
     for (int64_t g = 0; g < G; ++g)
         if (offsets[g + 1] > offsets[g])
             for (int64_t ch = 0; ch < n_chunks; ++ch) work[n_work++] = g * n_chunks + ch;
-#pragma omp parallel for schedule(dynamic, 1) if (N * K_pad * M > 262144)
-    for (int64_t i = 0; i < n_work; ++i) {
-        const int64_t g = work[i] / n_chunks, ch = work[i] % n_chunks;
-        const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
-        gemm_block(xv, x_stride, xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes, ch * CHUNK,
-                   n_end, N, scale + g * N * scale_stride, scale_stride, y);
+#pragma omp parallel if (N * K_pad * M > 262144)
+    {
+#if defined(QK_AMX)
+        // Tile configuration is per thread; the code tiles of one chunk (CHUNK rows × K_pad) are reused
+        // by every activation block of the group.
+        uint8_t* codes = xa_bytes > 0 ? (uint8_t*)std::aligned_alloc(64, (size_t)(CHUNK * K_pad)) : nullptr;
+        if (codes) amx_configure();
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_work; ++i) {
+            const int64_t g = work[i] / n_chunks, ch = work[i] % n_chunks;
+            const int64_t n_end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
+#if defined(QK_AMX)
+            if (xa_at[g] >= 0) {
+                amx_gemm_block(xa + xa_at[g], xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes,
+                               ch * CHUNK, n_end, N, scale + g * N * scale_stride, scale_stride, y, codes);
+                continue;
+            }
+#endif
+            gemm_block(xv, x_stride, xs, rowsum, offsets[g], offsets[g + 1], K_pad, w + g * N * row_bytes, ch * CHUNK,
+                       n_end, N, scale + g * N * scale_stride, scale_stride, y);
+        }
+#if defined(QK_AMX)
+        if (codes) { _tile_release(); std::free(codes); }
+#endif
     }
+#if defined(QK_AMX)
+    std::free(xa);
+    std::free(xa_at);
+#endif
 #if defined(QK_VNNI)
     std::free(xv);
 #endif

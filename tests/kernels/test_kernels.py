@@ -34,7 +34,8 @@ def test_i2_round_trip_and_padding(shape):
 
 
 @pytest.mark.skipif(kernels.library() is None, reason="native kernels unavailable on this machine")
-@pytest.mark.parametrize("m,k,n", [(1, 128, 64), (4, 256, 3), (5, 1000, 33), (33, 130, 70), (2, 4096, 8)])
+@pytest.mark.parametrize("m,k,n", [(1, 128, 64), (4, 256, 3), (5, 1000, 33), (33, 130, 70), (2, 4096, 8),
+                                   (64, 2048, 96)])
 def test_native_kernel_is_the_exact_integer_product(m, k, n):
     torch.manual_seed(m + k + n)
     w, x = torch.randn(n, k), torch.randn(m, k) * 5
@@ -83,8 +84,11 @@ def _fresh_process(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
 
 
 # Each instruction path of ternary.cpp, the -march that selects it, and the CPU flags it needs.
-BUILDS = {"scalar": ("x86-64", set()), "avx2": ("haswell", {"avx2"}),
-          "avx512_vnni": ("native", {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})}
+# `cascadelake` is the oldest -march with VNNI (a subset of Ice Lake's, Sapphire Rapids' and Zen 4's);
+# the AMX path needs `native` on a CPU that has AMX.
+VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+BUILDS = {"scalar": ("x86-64", set()), "avx2": ("haswell", {"avx2"}), "avx512_vnni": ("cascadelake", VNNI),
+          "amx_int8": ("native", VNNI | {"amx_tile", "amx_int8"})}
 
 
 @pytest.mark.parametrize("path", kernels.PATHS)
@@ -103,7 +107,8 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
             "from quillan.bitnet import EPS, activation_quantize, ternary_quantize\n"
             "lib = kernels.library()\n"
             f"assert lib is not None and kernels.path() == {path!r}, (kernels.path(), kernels.unavailable_reason())\n"
-            "for m, k, n in [(1, 128, 64), (5, 1000, 33), (33, 130, 70), (9, 256, 3), (17, 384, 65), (2, 4096, 8)]:\n"
+            "for m, k, n in [(1, 128, 64), (5, 1000, 33), (33, 130, 70), (9, 256, 3), (17, 384, 65), (2, 4096, 8),\n"
+            "                (16, 128, 16), (48, 640, 100), (70, 2048, 33)]:\n"
             "    torch.manual_seed(m + k + n)\n"
             "    w, x = torch.randn(n, k), torch.randn(m, k) * 5\n"
             "    for per_channel in (False, True):\n"
@@ -115,6 +120,17 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
             "        rows = scale.reshape(-1).expand(n).reshape(1, n)\n"
             "        y = kernels.grouped_ternary_linear(x, packed[None], k, rows, torch.tensor([m]), EPS)\n"
             "        assert torch.equal(y, exact), (m, k, n)\n"
+            "# groups above and below the AMX path's 16 rows in one call, each against its exact product\n"
+            "counts, k, n = [3, 20, 0, 17, 33], 384, 40\n"
+            "qs = [ternary_quantize(torch.randn(n, k), True) for _ in counts]\n"
+            "x = torch.randn(sum(counts), k) * 3\n"
+            "y = kernels.grouped_ternary_linear(x, torch.stack([kernels.pack_i2(q) for q, _ in qs]), k,\n"
+            "                                   torch.stack([s.reshape(-1) for _, s in qs]).float(), torch.tensor(counts), EPS)\n"
+            "xq, xs = activation_quantize(x)\n"
+            "for g, (rows, yg) in enumerate(zip(xq.split(counts), y.split(counts))):\n"
+            "    q, s = qs[g]\n"
+            "    exact = (rows.long() @ q.long().t()).float() * xs.split(counts)[g] * s.view(1, -1)\n"
+            "    assert torch.equal(yg, exact), g\n"
             "print('ok')\n")
     proc = _fresh_process(code, tmp_path, QUILLAN_KERNEL_ARCH=arch)
     if "native ternary kernels unavailable" in proc.stderr and "no C++ compiler" in proc.stderr:
