@@ -362,6 +362,8 @@ static void amx_gemm_block(const int8_t* xa, const float* xs, const int32_t* row
     const int64_t nk = K_pad / 64, mblocks = (m_end - m_begin + 15) / 16, nblocks = (n_end - n_begin + 15) / 16;
     amx_decode_rows(w, K_pad, n_begin, n_end, codes);
     alignas(64) int32_t acc[4 * 256];
+    // Offsets of column j's 16 entries in a 16×16 int32 tile (rows 64 bytes apart).
+    const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
     for (int64_t nb = 0; nb < nblocks; nb += 2)
         for (int64_t mb = 0; mb < mblocks; mb += 2) {
             const bool n2 = nb + 1 < nblocks, m2 = mb + 1 < mblocks;
@@ -373,8 +375,6 @@ static void amx_gemm_block(const int8_t* xa, const float* xs, const int32_t* row
                 const int64_t n0 = n_begin + (nb + t / 2) * 16, m0 = m_begin + (mb + t % 2) * 16;
                 const int ni = n_end - n0 < 16 ? (int)(n_end - n0) : 16, mj = m_end - m0 < 16 ? (int)(m_end - m0) : 16;
                 if (ni <= 0 || mj <= 0) continue;
-                const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
-                                                                           2, 1, 0), _mm512_set1_epi32(16));
                 const __m512 sc = scale_stride == 0 ? _mm512_set1_ps(scale[0])
                                   : ni == 16 ? _mm512_loadu_ps(scale + n0) : _mm512_setzero_ps();  // no read past the end
                 for (int j = 0; j < mj; ++j) {
@@ -405,29 +405,37 @@ static void grouped_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, 
     float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
     int32_t* rowsum = row_sums(xq, M, K_pad);
+#if defined(QK_AMX)
+    // Groups of at least AMX_MIN_ROWS rows get the AMX layout (xa_at[g] its first tile; -1: none);
+    // the VPDPBUSD layout is built only if some non-empty group is left for it.
+    const bool amx = amx_granted();
+    int64_t* xa_at = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)G);
+    int64_t xa_bytes = 0;
+    bool vnni_needed = false;
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t rows = offsets[g + 1] - offsets[g];
+        xa_at[g] = amx && rows >= AMX_MIN_ROWS ? xa_bytes : -1;
+        if (xa_at[g] >= 0) xa_bytes += (rows + 15) / 16 * (K_pad / 64) * 1024;
+        else if (rows > 0) vnni_needed = true;
+    }
+    int8_t* xa = (int8_t*)std::aligned_alloc(64, (size_t)(xa_bytes > 0 ? xa_bytes : 64));
+    for (int64_t g = 0; g < G; ++g)
+        if (xa_at[g] >= 0) amx_layout_rows(xq, K_pad, offsets[g], offsets[g + 1], xa + xa_at[g]);
+#elif defined(QK_VNNI)
+    const bool vnni_needed = true;
+#endif
 #if defined(QK_VNNI)
     const int64_t x_stride = (K_pad + 255) / 256 * 256;
-    int8_t* xv = (int8_t*)std::aligned_alloc(64, (size_t)((M * x_stride + 63) / 64 * 64));
-    interleave_pairs(xq, M, K_pad, x_stride, xv);
+    int8_t* xv = nullptr;
+    if (vnni_needed) {
+        xv = (int8_t*)std::aligned_alloc(64, (size_t)((M * x_stride + 63) / 64 * 64));
+        interleave_pairs(xq, M, K_pad, x_stride, xv);
+    }
 #else
     const int64_t x_stride = K_pad;
     const int8_t* xv = xq;
 #endif
     const int64_t n_chunks = (N + CHUNK - 1) / CHUNK, row_bytes = K_pad / 4;
-#if defined(QK_AMX)
-    // Groups of at least AMX_MIN_ROWS rows get the AMX layout (xa_at[g] its first tile; -1: none).
-    const bool amx = amx_granted();
-    int64_t* xa_at = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)G);
-    int64_t xa_bytes = 0;
-    for (int64_t g = 0; g < G; ++g) {
-        const int64_t rows = offsets[g + 1] - offsets[g];
-        xa_at[g] = amx && rows >= AMX_MIN_ROWS ? xa_bytes : -1;
-        if (xa_at[g] >= 0) xa_bytes += (rows + 15) / 16 * (K_pad / 64) * 1024;
-    }
-    int8_t* xa = (int8_t*)std::aligned_alloc(64, (size_t)(xa_bytes > 0 ? xa_bytes : 64));
-    for (int64_t g = 0; g < G; ++g)
-        if (xa_at[g] >= 0) amx_layout_rows(xq, K_pad, offsets[g], offsets[g + 1], xa + xa_at[g]);
-#endif
     int64_t* work = (int64_t*)std::malloc(sizeof(int64_t) * (size_t)(G * n_chunks + 1));
     int64_t n_work = 0;
     for (int64_t g = 0; g < G; ++g)
