@@ -143,8 +143,3 @@ def tokens_by_step(data: TokenizedRecords, sampler, total_steps: int) -> list[in
     for step in range(total_steps):
         out.append(out[-1] + sum(lengths[i] for i in sampler.batch_indices(step)))
     return out
-
-
-def tokens_seen(data: TokenizedRecords, sampler, total_steps: int) -> int:
-    """Real (unpadded) tokens in the batches of steps [0, total_steps) that `sampler` draws."""
-    return tokens_by_step(data, sampler, total_steps)[-1]
