@@ -82,6 +82,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.qk_version.restype = i32
     lib.qk_path.restype = ctypes.c_char_p
+    lib.qk_amx_refused.restype = i32
     lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
     lib.qk_grouped_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, i64, ptr, ptr, ptr]
     lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr]
@@ -122,6 +123,13 @@ def path() -> str | None:
     Fixed when the library is compiled for this CPU (`-march=native`)."""
     lib = library()
     return None if lib is None else lib.qk_path().decode()
+
+
+def amx_refused() -> bool:
+    """True where the library was built with the AMX path but Linux refused this process the tile
+    state (arch_prctl ARCH_REQ_XCOMP_PERM): `path()` then names the VNNI path."""
+    lib = library()
+    return lib is not None and bool(lib.qk_amx_refused())
 
 
 def unavailable_reason() -> str:

@@ -65,6 +65,15 @@ extern "C" const char* qk_path() {
 #endif
 }
 
+// 1 where this build has the AMX path but Linux refused the tile state (so qk_path() names a narrower one).
+extern "C" int qk_amx_refused() {
+#if defined(QK_AMX)
+    return amx_granted() ? 0 : 1;
+#else
+    return 0;
+#endif
+}
+
 // Per-token absmax quantization to int8 (BitNet §2), bit-identical to quillan.bitnet.activation_quantize:
 // s = max(absmax, eps); q = clamp(round_half_even(x * ((1 / s) * 127)), -128, 127); scale = s / 127.
 // xq is (M, K_pad) with the tail zeroed.
