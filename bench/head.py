@@ -2,7 +2,9 @@
 weights, one scale per vocabulary row, int8 activations) gives in speed and costs in quality.
 
 - Speed, at the `gpu` preset's head (vocab 50257 × dim 512, seeded random weights): FP32, BF16 and
-  INT8 heads for one token (batch-1 decode) and 512 tokens (prefill), interleaved medians.
+  INT8 heads for one token (batch-1 decode) and 512 tokens (prefill), interleaved medians; `int8`
+  is the module as it runs (`int8_path`: the native VPDPBUSD loop where the kernels have it),
+  `int8_int_mm` its `torch._int_mm` fallback on the same weights.
 - Quality, on a trained model (`--model`, default models/grpo): answer-token cross-entropy on
   `--val` stratified val records and greedy exact match on `--test` stratified test records, with
   the model's float head and with the INT8 head, and how many greedy answers change.
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import interleaved_medians, write_result
+from quillan import kernels
+from quillan.bitnet import activation_quantize
 from quillan.config import QuillanConfig
 from quillan.export.layers import Int8Head
 
@@ -30,12 +34,18 @@ def speed(seed: int = 0) -> dict:
     cfg = QuillanConfig.preset("gpu")
     w = torch.randn(cfg.vocab_size, cfg.dim, generator=torch.Generator().manual_seed(seed)) * 0.02
     wb, int8 = w.bfloat16(), Int8Head.from_float(w)
-    out = {}
+
+    def int8_int_mm(x: torch.Tensor) -> torch.Tensor:  # Int8Head's oneDNN fallback, the same bits
+        xq, xs = activation_quantize(x)
+        return (torch._int_mm(xq, int8.q.t()).float() * xs) * int8.scale.view(1, -1)
+
+    out = {"int8_path": "native" if kernels.path() in kernels.VPDPBUSD_PATHS else "int_mm"}
     for tokens in (1, 512):
         x = torch.randn(tokens, cfg.dim, generator=torch.Generator().manual_seed(seed + tokens))
         xb = x.bfloat16()
         ms = interleaved_medians({"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb),
-                                  "int8": lambda: int8(x)})
+                                  "int8": lambda: int8(x), "int8_int_mm": lambda: int8_int_mm(x)})
+        assert torch.equal(int8(x), int8_int_mm(x)), "the int8 head's paths differ"
         out[f"tokens_{tokens}"] = {**{f"{k}_ms": v for k, v in ms.items()},
                                    "int8_speedup_vs_fp32": ms["fp32"] / ms["int8"],
                                    "int8_speedup_vs_bf16": ms["bf16"] / ms["int8"]}
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for k, r in result["speed_gpu_head"].items():
         if k.startswith("tokens_"):
             print(f"head {k}: fp32 {r['fp32_ms']:.3f} ms  bf16 {r['bf16_ms']:.3f} ms  int8 {r['int8_ms']:.3f} ms  "
+                  f"(int_mm {r['int8_int_mm_ms']:.3f} ms)  "
                   f"(×{r['int8_speedup_vs_fp32']:.2f} vs fp32)")
     if (args.model / "model.safetensors").exists():
         q = result["quality"] = quality(args.model, args.val, args.test, args.max_new_tokens)

@@ -33,6 +33,7 @@ SOURCE = Path(__file__).with_name("ternary.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
 PATHS = ("amx_int8", "avx512_vnni", "avx2", "scalar")  # ternary.cpp's instruction paths, widest first
+VPDPBUSD_PATHS = ("amx_int8", "avx512_vnni")  # the paths with the int8-rows loop (`int8_rows_linear`)
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -86,6 +87,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_quantize_rows.argtypes = [ptr, i64, i64, i64, f32, ptr, ptr]
     lib.qk_grouped_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, i64, ptr, ptr, ptr]
     lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr]
+    lib.qk_int8_rows.argtypes = [ptr, i64, i64, f32, ptr, i64, ptr, ptr]
+    lib.qk_int8_rows.restype = i32
     for fn in (lib.qk_quantize_rows, lib.qk_grouped_linear, lib.qk_linear):
         fn.restype = None
     return lib
@@ -190,6 +193,26 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.T
     if m:
         lib.qk_linear(x.data_ptr(), m, k, padded(k), eps, packed.data_ptr(), n, scale.data_ptr(), scale.numel(),
                       y.data_ptr())
+    return y
+
+
+def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """y (M, N) float32 = per-token int8 x (M, K) times int8 weights q (N, K) with one float32 scale per
+    row (N, 1): ((q_x @ qᵀ) · s_x) · s_wᵀ, bit-identical to that `torch._int_mm` expression. None where
+    the library has no VPDPBUSD (the avx2 and scalar builds) or is unavailable: keep the caller's path."""
+    if path() not in VPDPBUSD_PATHS:
+        return None
+    lib = library()
+    n, k = q.shape
+    if q.dtype != torch.int8 or not q.is_contiguous() or scale.numel() != n:
+        raise ValueError(f"need contiguous int8 q (N, K) and N scales, got {q.dtype} {tuple(q.shape)} and {scale.numel()}")
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns for weights of {k}")
+    scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if x.shape[0]:
+        lib.qk_int8_rows(x.data_ptr(), x.shape[0], k, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr())
     return y
 
 

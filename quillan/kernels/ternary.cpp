@@ -545,3 +545,85 @@ extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, f
     const int64_t offsets[2] = {0, M};
     grouped_linear(x, M, K, K_pad, eps, w, 1, N, scale, n_scales == 1 ? 0 : 1, offsets, y);
 }
+
+// Int8 rows (the int8 output head, `quillan.export.layers.Int8Head`): w int8 (N, K) row-major as
+// the module holds it, one float scale per row; y[m, n] = ((float)Σ_k q_x[m, k]·w[n, k] · s_x[m]) ·
+// s_w[n], the float operations of Int8Head's `torch._int_mm` path, so both give the same bits.
+// VPDPBUSD needs one unsigned operand: w XOR 0x80 is w + 128 read as u8, so the lanes sum
+// Σ (w + 128)·q_x and 128·Σ q_x comes off at the end (exact: |Σ| < 2^31 for K < 65,536).
+// Batch-1 decoding reads every weight once per token: the loop streams four weight rows at a time
+// and keeps them in L1 for every tile of up to four activation rows.
+#if defined(QK_VNNI)
+template <int R, int C>
+static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, int64_t nblk, __mmask64 tail,
+                                  int32_t acc[4][4]) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i a[C][R];
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) a[c][r] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nblk; ++b) {
+        const __mmask64 mk = b + 1 == nblk ? tail : ~0ull;
+        __m512i wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + c * K + b * 64), flip);
+        for (int r = 0; r < R; ++r) {
+            const __m512i x = _mm512_load_si512((const void*)(xr[r] + b * 64));
+            for (int c = 0; c < C; ++c) a[c][r] = _mm512_dpbusd_epi32(a[c][r], wv[c], x);
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) acc[c][r] = _mm512_reduce_add_epi32(a[c][r]);
+}
+
+template <int C>
+static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const int8_t* const* xr, int64_t nblk,
+                                  __mmask64 tail, int32_t acc[4][4]) {
+    switch (rows) {
+        case 1: int8_rows_tile<1, C>(w, K, xr, nblk, tail, acc); break;
+        case 2: int8_rows_tile<2, C>(w, K, xr, nblk, tail, acc); break;
+        case 3: int8_rows_tile<3, C>(w, K, xr, nblk, tail, acc); break;
+        default: int8_rows_tile<4, C>(w, K, xr, nblk, tail, acc); break;
+    }
+}
+#endif
+
+// Returns 0 without writing y where this build has no VPDPBUSD (the caller keeps its own path).
+extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, const int8_t* w, int64_t N,
+                            const float* scale, float* y) {
+#if !defined(QK_VNNI)
+    (void)x, (void)M, (void)K, (void)eps, (void)w, (void)N, (void)scale, (void)y;
+    return 0;
+#else
+    const int64_t K_pad = (K + 63) / 64 * 64, nblk = K_pad / 64;
+    const __mmask64 tail = K % 64 ? (1ull << (K % 64)) - 1 : ~0ull;
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)(M * K_pad > 0 ? M * K_pad : 64));
+    float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
+    int32_t* rowsum = row_sums(xq, M, K_pad);
+    const int64_t n_quads = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (N * K * M > 262144)
+    for (int64_t qd = 0; qd < n_quads; ++qd) {
+        const int64_t n0 = 4 * qd;
+        const int cols = (int)(N - n0 < 4 ? N - n0 : 4);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
+            const int8_t* xr[4];
+            for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
+            int32_t acc[4][4];
+            if (cols == 4) int8_rows_cols<4>(rows, w + n0 * K, K, xr, nblk, tail, acc);
+            else
+                for (int c = 0; c < cols; ++c) {
+                    int32_t one[4][4];
+                    int8_rows_cols<1>(rows, w + (n0 + c) * K, K, xr, nblk, tail, one);
+                    for (int r = 0; r < rows; ++r) acc[c][r] = one[0][r];
+                }
+            for (int c = 0; c < cols; ++c)
+                for (int r = 0; r < rows; ++r)
+                    y[(m0 + r) * N + n0 + c] = ((float)(acc[c][r] - 128 * rowsum[m0 + r]) * xs[m0 + r]) * scale[n0 + c];
+        }
+    }
+    std::free(rowsum);
+    std::free(xs);
+    std::free(xq);
+    return 1;
+#endif
+}

@@ -133,6 +133,16 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
             "    q, s = qs[g]\n"
             "    exact = (rows.long() @ q.long().t()).float() * xs.split(counts)[g] * s.view(1, -1)\n"
             "    assert torch.equal(yg, exact), g\n"
+            "# int8 rows (the int8 head): exact where the build has VPDPBUSD, declined (None) where not\n"
+            "for m, k, n in [(1, 512, 261), (5, 100, 7), (4, 64, 4), (9, 700, 3)]:\n"
+            "    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)\n"
+            "    s, x = torch.rand(n, 1) + 0.01, torch.randn(m, k) * 4\n"
+            "    y = kernels.int8_rows_linear(x, q, s, EPS)\n"
+            f"    if {path!r} not in kernels.VPDPBUSD_PATHS:\n"
+            "        assert y is None\n"
+            "        continue\n"
+            "    xq, xs = activation_quantize(x)\n"
+            "    assert torch.equal(y, ((xq.long() @ q.long().t()).float() * xs) * s.view(1, -1)), (m, k, n)\n"
             "print('ok')\n")
     proc = _fresh_process(code, tmp_path, QUILLAN_KERNEL_ARCH=arch)
     if "native ternary kernels unavailable" in proc.stderr and "no C++ compiler" in proc.stderr:
@@ -140,6 +150,26 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
     if proc.returncode == 0 and proc.stdout.strip() == "amx refused":
         pytest.skip("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_int8_rows_are_the_exact_integer_product():
+    """The int8 head's native loop against the int64 product rescaled as Int8Head's `torch._int_mm`
+    path does it: row counts below and at a 4-row tile, K with and without a 64-byte tail, N not a
+    multiple of 4, and weights at ±127 against activations at ±127 (the largest int32 sums)."""
+    if kernels.path() not in kernels.VPDPBUSD_PATHS:
+        pytest.skip(f"the int8-rows loop needs VPDPBUSD; this build's path is {kernels.path()}")
+    g = torch.Generator().manual_seed(0)
+    extreme_q = torch.full((3, 4096), 127, dtype=torch.int8)
+    extreme_q[1] = -127
+    cases = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.randn(m, k, generator=g) * 3)
+             for m, k, n in [(1, 512, 50), (2, 64, 4), (3, 65, 9), (4, 1000, 5), (7, 128, 1), (15, 512, 33)]]
+    cases.append((extreme_q, torch.stack([torch.full((4096,), 2.0), torch.full((4096,), -2.0)])))
+    for q, x in cases:
+        s = torch.rand(q.shape[0], 1, generator=g) + 1e-3
+        xq, xs = activation_quantize(x)
+        exact = ((xq.long() @ q.long().t()).float() * xs) * s.view(1, -1)
+        assert torch.equal(kernels.int8_rows_linear(x, q, s, EPS), exact), tuple(q.shape)
+    assert int((xq.long() @ extreme_q.long().t())[0, 0]) == 127 * 127 * 4096
 
 
 def test_the_default_build_takes_the_widest_path_the_cpu_has():
