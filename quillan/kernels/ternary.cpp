@@ -190,12 +190,13 @@ static void interleave_pairs(const int8_t* xq, int64_t M, int64_t K_pad, int64_t
 // Per pair of blocks: C 64-byte code loads, 4 shift-and-mask steps each, 4·R activation loads and
 // 4·R·C VPDPBUSD. The last code load of a row with an odd block count reads 32 bytes (masked), so
 // no load crosses the row's end.
-// The same sums for R ≤ 2 rows without the per-step shifts: code i of each byte is masked in place
+// The same sums for one activation row (batch-1 decoding) without the per-step shifts: code i of each byte is masked in place
 // (v & (3 << 2i) = 4^i · code_i, at most 192: VPDPBUSD's unsigned operand) into its own accumulator,
 // whose lanes are then exact multiples of 4^i, and the four are combined with exact arithmetic
 // shifts. The shifts run on the same port as VPDPBUSD (port 0 for 512-bit ops on Ice Lake and
 // Sapphire Rapids), the masks do not, so batch-1 decode issues 8 instead of 14 port-0 ops per 16
-// products. Needs 4·R·C accumulators: only for R ≤ 2. Lanes stay far inside int32: a lane adds
+// products. Needs 4·R·C accumulators: for R = 2 the register pressure made it slower (measured:
+// K = N = 2048, M = 2 0.062 → 0.070 ms), so one row only. Lanes stay far inside int32: a lane adds
 // K/16 products of at most 192 · 128.
 template <int R, int C>
 static inline void dot_tile_vnni_unshifted(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad,
@@ -232,7 +233,7 @@ static inline void dot_tile_vnni_unshifted(const uint8_t* const* w, const int8_t
 
 template <int R, int C>
 static inline void dot_tile_vnni(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
-    if constexpr (R <= 2) {
+    if constexpr (R == 1) {
         dot_tile_vnni_unshifted<R, C>(w, xr, K_pad, acc);
         return;
     }
