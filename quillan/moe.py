@@ -159,8 +159,15 @@ class CouncilFFN(nn.Module):
         """
         N = xs.shape[0]
         q = self.micro_query(xs).view(N, self.M, self.key_dim)                       # (N, M, dk)
-        scores = torch.einsum("nmd,mpd->nmp", q, _bank_tensor(self.micro_keys))       # (N, M, P)
-        scores = scores.gather(1, a_idx[..., None].expand(-1, -1, self.P))           # (N, kc, P)
+        if N * self.kc < self.M:
+            # Few tokens (decoding): score only the kept members' keys, not all M members' (at the
+            # gpu preset's decode, 2 of 32: the (32, 1, 64) × (32, 64, 325) product was 160 µs a layer).
+            q = q.gather(1, a_idx[..., None].expand(-1, -1, self.key_dim))          # (N, kc, dk)
+            member_rows = a_idx[..., None] * self.P + torch.arange(self.P, device=xs.device)
+            scores = torch.einsum("ncd,ncpd->ncp", q, _bank_rows(self.micro_keys, member_rows))  # (N, kc, P)
+        else:
+            scores = torch.einsum("nmd,mpd->nmp", q, _bank_tensor(self.micro_keys))   # (N, M, P)
+            scores = scores.gather(1, a_idx[..., None].expand(-1, -1, self.P))       # (N, kc, P)
         s, idx = scores.topk(self.kp, dim=-1)                                        # (N, kc, kp)
         g = s.float().softmax(dim=-1).to(xs.dtype) * a_w[..., None]                  # α'_m · g
         rows = a_idx[..., None] * self.P + idx                                       # rows of the (M·P, D) banks

@@ -97,6 +97,25 @@ def test_micro_agents_gathered_and_dense_paths_equal_the_per_member_reference():
     assert torch.allclose(dense, gathered, atol=1e-6)
 
 
+def test_micro_agents_score_only_kept_members_when_decoding():
+    """N·kc < M (decoding): only the kept members' keys are scored; the result is the per-member
+    reference's, and the same as scoring every member (a batch large enough for the full path)."""
+    ffn = _council(n_council=8, n_micro=6, micro_top_k=2)  # kc = 2: N = 1, 3 score kept members only
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        r = ffn.route(x)
+        full = ffn._micro_all(x, r.member_weights, r.members)  # 6 · 2 ≥ 8: every member scored
+        for rows in (slice(0, 1), slice(3, 6)):
+            part = ffn._micro_all(x[rows], r.member_weights[rows], r.members[rows])
+            reference = torch.zeros_like(part)
+            for i, n in enumerate(range(rows.start, rows.stop)):
+                for c in range(ffn.kc):
+                    reference[i] += r.member_weights[n, c] * _micro(ffn, x[n : n + 1], int(r.members[n, c]))[0]
+            assert part.abs().max() > 1e-3
+            assert torch.allclose(part, reference, atol=1e-6)
+            assert torch.allclose(part, full[rows], atol=1e-6)
+
+
 def test_dense_micro_agents_pass_gradients_only_to_chosen_agents():
     ffn = _council(n_micro=16, micro_top_k=1, n_council=1, council_top_k=1)
     xs = torch.randn(20, 16)  # 20 rows ≥ 16: the dense path
