@@ -190,21 +190,21 @@ static void interleave_pairs(const int8_t* xq, int64_t M, int64_t K_pad, int64_t
 // Per pair of blocks: C 64-byte code loads, 4 shift-and-mask steps each, 4·R activation loads and
 // 4·R·C VPDPBUSD. The last code load of a row with an odd block count reads 32 bytes (masked), so
 // no load crosses the row's end.
-// The same sums for one activation row (batch-1 decoding) without the per-step shifts: code i of each byte is masked in place
-// (v & (3 << 2i) = 4^i · code_i, at most 192: VPDPBUSD's unsigned operand) into its own accumulator,
-// whose lanes are then exact multiples of 4^i, and the four are combined with exact arithmetic
-// shifts. The shifts run on the same port as VPDPBUSD (port 0 for 512-bit ops on Ice Lake and
-// Sapphire Rapids), the masks do not, so batch-1 decode issues 8 instead of 14 port-0 ops per 16
-// products. Needs 4·R·C accumulators: for R = 2 the register pressure made it slower (measured:
-// K = N = 2048, M = 2 0.062 → 0.070 ms), so one row only. Lanes stay far inside int32: a lane adds
-// K/16 products of at most 192 · 128.
+// One activation row (batch-1 decoding) goes without the per-step shifts: code i of each byte is
+// masked in place (v & (3 << 2i) = 4^i · code_i, at most 192: VPDPBUSD's unsigned operand) into
+// its own accumulator set, whose lanes are then exact multiples of 4^i, and the four are combined
+// with exact arithmetic shifts at the end. The shifts run on the same port as VPDPBUSD (port 0 for
+// 512-bit ops on Ice Lake and Sapphire Rapids), the masks do not, so batch-1 decode issues 8
+// instead of 14 port-0 ops per 16 products. Four sets need 4·R·C accumulators: at R = 2 the
+// register pressure made it slower (K = N = 2048, M = 2: 0.062 → 0.070 ms), so one row only.
+// Lanes stay far inside int32: a lane adds K/16 products of at most 192 · 128.
 template <int R, int C>
-static inline void dot_tile_vnni_unshifted(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad,
-                                           int32_t acc[2][8]) {
+static inline void dot_tile_vnni(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
+    constexpr int S = R == 1 ? 4 : 1;  // accumulator sets: one per code position, or one shared
     __m512i mask[4];
-    for (int i = 0; i < 4; ++i) mask[i] = _mm512_set1_epi8((char)(3 << (2 * i)));
-    __m512i a[4][C][R];
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i) mask[i] = _mm512_set1_epi8((char)(S == 4 ? 3 << (2 * i) : 3));
+    __m512i a[S][C][R];
+    for (int i = 0; i < S; ++i)
         for (int c = 0; c < C; ++c)
             for (int r = 0; r < R; ++r) a[i][c][r] = _mm512_setzero_si512();
     const int64_t nblocks = K_pad / 128, npairs = (nblocks + 1) / 2;
@@ -216,49 +216,22 @@ static inline void dot_tile_vnni_unshifted(const uint8_t* const* w, const int8_t
                         : _mm512_loadu_si512((const void*)(w[c] + p * 64));
         for (int i = 0; i < 4; ++i) {
             __m512i code[C];
-            for (int c = 0; c < C; ++c) code[c] = _mm512_and_si512(v[c], mask[i]);
+            for (int c = 0; c < C; ++c)
+                code[c] = S == 4 ? _mm512_and_si512(v[c], mask[i])
+                                 : _mm512_and_si512(i ? _mm512_srli_epi16(v[c], 2 * i) : v[c], mask[0]);
             for (int r = 0; r < R; ++r) {
                 const __m512i x = _mm512_loadu_si512((const void*)(xr[r] + p * 256 + 64 * i));
-                for (int c = 0; c < C; ++c) a[i][c][r] = _mm512_dpbusd_epi32(a[i][c][r], code[c], x);
+                for (int c = 0; c < C; ++c)
+                    a[S == 4 ? i : 0][c][r] = _mm512_dpbusd_epi32(a[S == 4 ? i : 0][c][r], code[c], x);
             }
         }
     }
     for (int c = 0; c < C; ++c)
         for (int r = 0; r < R; ++r) {
-            __m512i s = a[0][c][r];
-            for (int i = 1; i < 4; ++i) s = _mm512_add_epi32(s, _mm512_srai_epi32(a[i][c][r], 2 * i));
-            acc[c][r] = _mm512_reduce_add_epi32(s);
+            __m512i sum = a[0][c][r];
+            for (int i = 1; i < S; ++i) sum = _mm512_add_epi32(sum, _mm512_srai_epi32(a[i][c][r], 2 * i));
+            acc[c][r] = _mm512_reduce_add_epi32(sum);
         }
-}
-
-template <int R, int C>
-static inline void dot_tile_vnni(const uint8_t* const* w, const int8_t* const* xr, int64_t K_pad, int32_t acc[2][8]) {
-    if constexpr (R == 1) {
-        dot_tile_vnni_unshifted<R, C>(w, xr, K_pad, acc);
-        return;
-    }
-    const __m512i mask = _mm512_set1_epi8(3);
-    __m512i a[C][R];
-    for (int c = 0; c < C; ++c)
-        for (int r = 0; r < R; ++r) a[c][r] = _mm512_setzero_si512();
-    const int64_t nblocks = K_pad / 128, npairs = (nblocks + 1) / 2;
-    for (int64_t p = 0; p < npairs; ++p) {
-        __m512i v[C];
-        const bool half = 2 * p + 1 == nblocks;
-        for (int c = 0; c < C; ++c)
-            v[c] = half ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, w[c] + p * 64)
-                        : _mm512_loadu_si512((const void*)(w[c] + p * 64));
-        for (int i = 0; i < 4; ++i) {
-            __m512i code[C];
-            for (int c = 0; c < C; ++c) code[c] = _mm512_and_si512(i ? _mm512_srli_epi16(v[c], 2 * i) : v[c], mask);
-            for (int r = 0; r < R; ++r) {
-                const __m512i x = _mm512_loadu_si512((const void*)(xr[r] + p * 256 + 64 * i));
-                for (int c = 0; c < C; ++c) a[c][r] = _mm512_dpbusd_epi32(a[c][r], code[c], x);
-            }
-        }
-    }
-    for (int c = 0; c < C; ++c)
-        for (int r = 0; r < R; ++r) acc[c][r] = _mm512_reduce_add_epi32(a[c][r]);
 }
 
 template <int C>
