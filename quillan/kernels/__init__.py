@@ -209,6 +209,8 @@ def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, eps:
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} columns for weights of {k}")
+    if k >= 65536:  # Σ (w + 128)·q_x reaches 255 · 128 · K: past int32 from K = 65,536
+        raise ValueError(f"K = {k}: the int8-rows loop sums in int32 and needs K < 65536")
     scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0]:

@@ -170,6 +170,8 @@ def test_int8_rows_are_the_exact_integer_product():
         exact = ((xq.long() @ q.long().t()).float() * xs) * s.view(1, -1)
         assert torch.equal(kernels.int8_rows_linear(x, q, s, EPS), exact), tuple(q.shape)
     assert int((xq.long() @ extreme_q.long().t())[0, 0]) == 127 * 127 * 4096
+    with pytest.raises(ValueError, match="K < 65536"):
+        kernels.int8_rows_linear(torch.zeros(1, 65536), torch.zeros(2, 65536, dtype=torch.int8), torch.ones(2, 1), EPS)
 
 
 def test_the_default_build_takes_the_widest_path_the_cpu_has():
