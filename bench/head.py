@@ -39,7 +39,7 @@ def speed(seed: int = 0) -> dict:
         xq, xs = activation_quantize(x)
         return (torch._int_mm(xq, int8.q.t()).float() * xs) * int8.scale.view(1, -1)
 
-    out = {"int8_path": "native" if kernels.path() in kernels.VPDPBUSD_PATHS else "int_mm"}
+    out = {"int8_path": "native" if kernels.has_int8_rows() else "int_mm"}
     for tokens in (1, 512):
         x = torch.randn(tokens, cfg.dim, generator=torch.Generator().manual_seed(seed + tokens))
         xb = x.bfloat16()

@@ -33,7 +33,6 @@ SOURCE = Path(__file__).with_name("ternary.cpp")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 128  # weights per 32-byte block of the I2 layout (see ternary.cpp)
 PATHS = ("amx_int8", "avx512_vnni", "avx2", "scalar")  # ternary.cpp's instruction paths, widest first
-VPDPBUSD_PATHS = ("amx_int8", "avx512_vnni")  # the paths with the int8-rows loop (`int8_rows_linear`)
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -89,6 +88,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_linear.argtypes = [ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr]
     lib.qk_int8_rows.argtypes = [ptr, i64, i64, f32, ptr, i64, ptr, ptr]
     lib.qk_int8_rows.restype = i32
+    lib.qk_has_int8_rows.restype = i32
     for fn in (lib.qk_quantize_rows, lib.qk_grouped_linear, lib.qk_linear):
         fn.restype = None
     return lib
@@ -196,11 +196,18 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.T
     return y
 
 
+def has_int8_rows() -> bool:
+    """Whether the loaded library has the int8-rows loop (VPDPBUSD: the `avx512_vnni` and `amx_int8`
+    builds), as the build itself reports it."""
+    lib = library()
+    return lib is not None and bool(lib.qk_has_int8_rows())
+
+
 def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
     """y (M, N) float32 = per-token int8 x (M, K) times int8 weights q (N, K) with one float32 scale per
     row (N, 1): ((q_x @ qᵀ) · s_x) · s_wᵀ, bit-identical to that `torch._int_mm` expression. None where
     the library has no VPDPBUSD (the avx2 and scalar builds) or is unavailable: keep the caller's path."""
-    if path() not in VPDPBUSD_PATHS:
+    if not has_int8_rows():
         return None
     lib = library()
     n, k = q.shape
@@ -213,8 +220,9 @@ def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, eps:
         raise ValueError(f"K = {k}: the int8-rows loop sums in int32 and needs K < 65536")
     scale = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if x.shape[0]:
-        lib.qk_int8_rows(x.data_ptr(), x.shape[0], k, eps, q.data_ptr(), n, scale.data_ptr(), y.data_ptr())
+    if x.shape[0] and not lib.qk_int8_rows(x.data_ptr(), x.shape[0], k, eps, q.data_ptr(), n, scale.data_ptr(),
+                                           y.data_ptr()):
+        raise RuntimeError("qk_int8_rows declined although qk_has_int8_rows said yes")
     return y
 
 

@@ -560,6 +560,15 @@ static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const in
 }
 #endif
 
+// 1 where this build has the int8-rows loop (VPDPBUSD: the avx512_vnni and amx_int8 paths).
+extern "C" int qk_has_int8_rows() {
+#if defined(QK_VNNI)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // Returns 0 without writing y where this build has no VPDPBUSD (the caller keeps its own path).
 extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, const int8_t* w, int64_t N,
                             const float* scale, float* y) {

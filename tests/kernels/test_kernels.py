@@ -138,7 +138,8 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
             "    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)\n"
             "    s, x = torch.rand(n, 1) + 0.01, torch.randn(m, k) * 4\n"
             "    y = kernels.int8_rows_linear(x, q, s, EPS)\n"
-            f"    if {path!r} not in kernels.VPDPBUSD_PATHS:\n"
+            "    assert kernels.has_int8_rows() == (kernels.path() in ('amx_int8', 'avx512_vnni'))\n"
+            "    if not kernels.has_int8_rows():\n"
             "        assert y is None\n"
             "        continue\n"
             "    xq, xs = activation_quantize(x)\n"
@@ -156,7 +157,7 @@ def test_int8_rows_are_the_exact_integer_product():
     """The int8 head's native loop against the int64 product rescaled as Int8Head's `torch._int_mm`
     path does it: row counts below and at a 4-row tile, K with and without a 64-byte tail, N not a
     multiple of 4, and weights at ±127 against activations at ±127 (the largest int32 sums)."""
-    if kernels.path() not in kernels.VPDPBUSD_PATHS:
+    if not kernels.has_int8_rows():
         pytest.skip(f"the int8-rows loop needs VPDPBUSD; this build's path is {kernels.path()}")
     g = torch.Generator().manual_seed(0)
     extreme_q = torch.full((3, 4096), 127, dtype=torch.int8)
