@@ -42,10 +42,12 @@ def old_step(on: bool):
     """The training step as it was before this issue's changes, the same values by more passes:
     BitLinear's activation fake-quant composed (activation_quantize, int8 round trip, STE sub/add)
     instead of one fused autograd function, every BitLinear quantizing its own copy of a shared
-    input (q/k/v, w1/w3), and the micro agents' bank rows always gathered (never dense)."""
+    input (q/k/v, w1/w3), the micro agents' bank rows always gathered (never dense), each expert
+    called on its own (not grouped) and AdamW's for-loop implementation (not fused)."""
     import quillan.model
     import quillan.moe
     from quillan.bitnet import BitLinear, _ste, activation_quantize
+    from quillan.train.lightning import QuillanLightning
 
     fused, shared = BitLinear.quantized_input, quillan.moe.on_shared_input
 
@@ -62,12 +64,16 @@ def old_step(on: bool):
         BitLinear.quantized_input = composed
         quillan.moe.on_shared_input = quillan.model.on_shared_input = separate
         quillan.moe.CouncilFFN.dense_agents = False
+        quillan.moe.CouncilFFN.grouped = False
+        QuillanLightning.fused_adamw = False
     try:
         yield
     finally:
         BitLinear.quantized_input = fused
         quillan.moe.on_shared_input = quillan.model.on_shared_input = shared
         quillan.moe.CouncilFFN.dense_agents = True
+        quillan.moe.CouncilFFN.grouped = True
+        QuillanLightning.fused_adamw = True
 
 
 def tokens_per_second(overrides: dict, steps: int, warmup: int, rows: int) -> dict:

@@ -25,15 +25,18 @@ QuantPlan = Literal["uniform", "adaptive"]
 QUANT_PLANS = get_args(QuantPlan)
 
 
-def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_quantize(w: torch.Tensor, per_channel: bool = False, eps: float = EPS,
+                     stacked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternary quantization (BitNet b1.58, eq. 1-3).
 
     Returns `q` (int8 in {-1, 0, 1}, same shape as `w`) and `scale` (float, shape `()` or
     `(out_features, 1)` when `per_channel`), with `w ≈ scale * q`:
     `scale = mean(|w|)`, `q = RoundClip(w / (scale + eps), -1, 1)`.
+    `stacked`: `w` is (G, out, in), G matrices each quantized on its own (scale (G, 1, 1), or
+    (G, out, 1) when `per_channel`), the same values as quantizing each `w[g]`.
     """
-    if per_channel:
-        scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    if per_channel or stacked:
+        scale = w.abs().mean(dim=tuple(range(1 + (stacked and per_channel), w.dim())), keepdim=True)
     else:
         scale = w.abs().mean()
     q = (w / (scale + eps)).round().clamp_(-1, 1).to(torch.int8)
@@ -107,6 +110,27 @@ def _ste(x: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
     return x + (x_quant - x).detach()
 
 
+def ternary_weight(w: torch.Tensor, per_channel: bool = False, stacked: bool = False) -> torch.Tensor:
+    """`scale * q` of `ternary_quantize(w)`: the dequantized ternary weight, w's shape and dtype."""
+    q, scale = ternary_quantize(w, per_channel, stacked=stacked)
+    return q.to(w.dtype) * scale
+
+
+def effective_weight(w: torch.Tensor, lam: float, training: bool, quantize: bool = True,
+                     per_channel: bool = False, stacked: bool = False) -> torch.Tensor:
+    """The weight a BitLinear multiplies by (seed note 004's λ warmup): in training
+    `(1 - lam) * w + lam * STE(scale * q)`, gradients reaching `w`; in eval `scale * q`; `w`
+    itself without `quantize` (the full-precision reference). `stacked` as in `ternary_quantize`."""
+    if not quantize:
+        return w
+    if not training:
+        return ternary_weight(w, per_channel, stacked)
+    if lam <= 0.0:
+        return w
+    w_q = _ste(w, ternary_weight(w, per_channel, stacked))
+    return w_q if lam >= 1.0 else (1.0 - lam) * w + lam * w_q
+
+
 class BitLinear(nn.Linear):
     """A linear layer trained towards ternary weights and 8-bit activations.
 
@@ -134,18 +158,10 @@ class BitLinear(nn.Linear):
 
     def ternary_weight(self) -> torch.Tensor:
         """`scale * q`: the dequantized ternary weight, float, shape (out, in)."""
-        q, scale = ternary_quantize(self.weight, self.per_channel)
-        return q.to(self.weight.dtype) * scale
+        return ternary_weight(self.weight, self.per_channel)
 
     def effective_weight(self) -> torch.Tensor:
-        if not self.quantize:
-            return self.weight
-        if not self.training:
-            return self.ternary_weight()
-        if self.lam <= 0.0:
-            return self.weight
-        w_q = _ste(self.weight, self.ternary_weight())
-        return w_q if self.lam >= 1.0 else (1.0 - self.lam) * self.weight + self.lam * w_q
+        return effective_weight(self.weight, self.lam, self.training, self.quantize, self.per_channel)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.quantize and self.act_quant):
@@ -186,6 +202,15 @@ def on_shared_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torc
         xq = first.quantized_input(x)
         return [m.project(xq) for m in layers]
     return [m(x) for m in layers]
+
+
+def stacked_effective_weight(layers: list[BitLinear]) -> torch.Tensor:
+    """The effective weights of same-shaped, same-configured BitLinears as one (G, out, in)
+    tensor: `effective_weight()` of each layer (the same values), computed in one pass over all
+    of them, with gradients reaching each layer's weight."""
+    first = layers[0]
+    return effective_weight(torch.stack([m.weight for m in layers]), first.lam, first.training,
+                            first.quantize, first.per_channel, stacked=True)
 
 
 def bit_linears(model: nn.Module) -> list[BitLinear]:

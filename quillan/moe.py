@@ -6,7 +6,8 @@ council members and keeps the top `council_top_k`; member m's router gives β (N
 experts and keeps the top `expert_top_k`. A token's output is
     Σ_{m ∈ top(α)} α'_m · ( Σ_{e ∈ top(β_m)} β'_{m,e} · expert_{m,e}(x) + micro_m(x) )
 with α', β' renormalised over the kept entries. Only selected experts run: assignments are
-sorted by expert and each expert runs once on its group of tokens.
+sorted by expert and each expert runs once on its group of tokens; where every expert is a plain
+BitLinear SwiGLU, all of them run as three grouped matmuls over the sorted rows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quillan.bitnet import BitLinear, binary_weight, on_shared_input
+from quillan.bitnet import BitLinear, binary_weight, fake_quantize_activations, on_shared_input, stacked_effective_weight
 
 
 def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -75,6 +76,45 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def stackable(experts: list[SwiGLU], x: torch.Tensor) -> bool:
+    """Whether `grouped_swiglu` computes these experts: every one a SwiGLU of plain absmean
+    BitLinears configured alike, with no forward hooks (calibration reads inputs through
+    them), on float32 input outside autocast. Exports' inference layers, tequila's per-layer
+    bias and other dtypes take the per-expert loop."""
+    if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return False
+    keys = set()
+    for e in experts:
+        if type(e) is not SwiGLU or _hooked(e):
+            return False
+        for m in (e.w1, e.w3, e.w2):
+            if type(m) is not BitLinear or m.method != "absmean" or m.bias is not None or _hooked(m):
+                return False
+            keys.add((m.lam, m.training, m.quantize, m.act_quant, m.per_channel))
+    return len(keys) == 1
+
+
+def grouped_swiglu(experts: list[SwiGLU], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Every expert on its own rows of x (A, D), rows sorted by expert with counts[g] rows for
+    expert g (G,): (A, D), the same values as calling each expert on its rows. Three grouped
+    matmuls over stacked effective weights instead of 3·G matmuls and 3·G weight quantizations
+    (a training step's MoE dispatch was a loop of 16 experts per layer). The activation
+    fake-quant is per row, so quantizing the sorted rows once equals each expert's own."""
+    offs = counts.cumsum(0).to(torch.int32)
+    act_quant = experts[0].w1.quantize and experts[0].w1.act_quant
+
+    def stacked(name: str) -> torch.Tensor:  # (G, in, out): grouped_mm multiplies x @ w
+        return stacked_effective_weight([getattr(e, name) for e in experts]).transpose(1, 2)
+
+    xq = fake_quantize_activations(x) if act_quant else x
+    h = F.silu(F.grouped_mm(xq, stacked("w1"), offs=offs)) * F.grouped_mm(xq, stacked("w3"), offs=offs)
+    return F.grouped_mm(fake_quantize_activations(h) if act_quant else h, stacked("w2"), offs=offs)
+
+
 @dataclass
 class CouncilStats:
     """What one council layer reports for losses and logging."""
@@ -102,6 +142,8 @@ class CouncilFFN(nn.Module):
 
     # False: always gather the chosen agents' rows, PEER as written (bench.train_step's old step).
     dense_agents = True
+    # False: one call per expert even where `grouped_swiglu` could run them all (the old step).
+    grouped = True
 
     def __init__(self, dim: int, n_council: int, council_top_k: int, n_experts: int, expert_top_k: int,
                  expert_hidden: int, n_micro: int = 0, micro_top_k: int = 0, micro_key_dim: int = 32,
@@ -196,9 +238,12 @@ class CouncilFFN(nn.Module):
         order = experts.argsort(stable=True)
         experts, tokens, weights = experts[order], tokens[order], weights[order]
         counts = torch.bincount(experts, minlength=self.M * self.E)
-        if self.grouped_experts is not None:
+        run_all = self.grouped_experts
+        if run_all is None and self.grouped and stackable(list(self.experts), xs):
+            run_all = lambda rows, c: grouped_swiglu(list(self.experts), rows, c)  # noqa: E731
+        if run_all is not None:
             self.expert_calls += int((counts > 0).sum())
-            out.index_add_(0, tokens, self.grouped_experts(xs.index_select(0, tokens), counts) * weights[:, None])
+            out.index_add_(0, tokens, run_all(xs.index_select(0, tokens), counts) * weights[:, None])
         else:
             for e, (tok, w) in enumerate(zip(tokens.split(counts.tolist()), weights.split(counts.tolist()))):
                 if tok.numel() == 0:

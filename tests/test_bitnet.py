@@ -199,3 +199,26 @@ def test_shared_input_equals_each_layer_on_its_own():
     on_shared_input(layers, x)
     handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], x)
+
+
+def test_stacked_effective_weight_equals_each_layers_own():
+    from quillan.bitnet import stacked_effective_weight
+
+    for per_channel in (False, True):
+        torch.manual_seed(0)
+        layers = [BitLinear(8, 6, per_channel=per_channel) for _ in range(3)]
+        for lam in (0.0, 0.3, 1.0):
+            for m in layers:
+                m.lam = lam
+            for training in (True, False):
+                for m in layers:
+                    m.train(training)
+                stacked = stacked_effective_weight(layers)
+                assert stacked.shape == (3, 6, 8)
+                for g, m in enumerate(layers):
+                    assert torch.equal(stacked[g], m.effective_weight()), (per_channel, lam, training)
+        # In training at λ = 1 gradients reach each layer's own weight straight through.
+        for m in layers:
+            m.train()
+        stacked_effective_weight(layers).sum().backward()
+        assert all(torch.equal(m.weight.grad, torch.ones(6, 8)) for m in layers)

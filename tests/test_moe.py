@@ -180,3 +180,59 @@ def test_binary_agents_compute_with_binarized_banks_and_follow_lambda():
     set_lambda(float_model, 0.0)
     ffn.train(), float_model.train()
     assert torch.allclose(ffn(x)[0], float_model(x)[0], atol=1e-6)
+
+
+def _loop_and_grouped(ffn, x):
+    """The layer's output and the gradients of its expert weights, per-expert loop then grouped."""
+    results = []
+    for grouped in (False, True):
+        ffn.grouped = grouped
+        ffn.zero_grad(set_to_none=True)
+        calls = ffn.expert_calls
+        out, _ = ffn(x)
+        out.pow(2).sum().backward()
+        grads = [p.grad.clone() for e in ffn.experts for p in e.parameters() if p.grad is not None]
+        results.append((out.detach(), grads, ffn.expert_calls - calls))
+    ffn.grouped = True
+    return results
+
+
+def test_grouped_experts_equal_the_per_expert_loop_in_values_and_gradients():
+    """grouped_swiglu (three grouped matmuls over stacked effective weights) gives the loop's values
+    and weight gradients to float rounding (SiLU's vectorised and scalar tails round differently,
+    and where a row falls depends on how many rows share its expert), the same expert calls, at
+    every λ, in training and eval, per-tensor and per-channel scales, and without quantization."""
+    from quillan.bitnet import set_lambda
+
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    for kw in ({}, {"per_channel": True}, {"quantize": False}):
+        ffn = _council(**kw)
+        for lam in (0.0, 0.4, 1.0):
+            set_lambda(ffn, lam)
+            for training in (True, False):
+                ffn.train(training)
+                (loop, g_loop, n_loop), (grouped, g_grouped, n_grouped) = _loop_and_grouped(ffn, x)
+                assert torch.allclose(loop, grouped, rtol=1e-6, atol=1e-7), (kw, lam, training)
+                assert n_loop == n_grouped > 0
+                assert len(g_loop) == len(g_grouped) > 0
+                for a, b in zip(g_loop, g_grouped):
+                    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (kw, lam, training)
+
+
+def test_experts_the_grouped_path_cannot_compute_take_the_loop():
+    """Forward hooks (calibration), tequila's bias and other dtypes keep the per-expert calls."""
+    from quillan.moe import stackable
+
+    ffn = _council()
+    x = torch.randn(5, 16)
+    experts = list(ffn.experts)
+    assert stackable(experts, x)
+    assert not stackable(experts, x.double())
+    handle = experts[3].w2.register_forward_hook(lambda *a: None)
+    assert not stackable(experts, x)
+    handle.remove()
+    experts[0].w1.method = "tequila"
+    assert not stackable(experts, x)
+    experts[0].w1.method = "absmean"
+    experts[1].w3.lam = 0.5  # layers configured differently cannot share one stacked quantization
+    assert not stackable(experts, x)

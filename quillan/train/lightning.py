@@ -88,6 +88,11 @@ class QuillanLightning(L.LightningModule):
     as `val/accuracy` and `val/accuracy/<domain>`.
     """
 
+    # AdamW's fused kernel: one pass per tensor instead of ~8 ops (34 → 4 ms a step for the cpu
+    # preset's 225 tensors on 2 threads), AdamW to float rounding. False: the for-loop AdamW
+    # (bench.train_step's old step).
+    fused_adamw = True
+
     def __init__(self, model_cfg: QuillanConfig, cfg: TrainConfig, seed: int, reference: bool = False,
                  init_state: dict[str, torch.Tensor] | None = None,
                  val_probe: Callable[[torch.nn.Module], dict[str, Any]] | None = None):
@@ -189,7 +194,7 @@ class QuillanLightning(L.LightningModule):
 
             opt = HybridTrustRegion(groups, c.hybrid, c.max_steps, self.seed, lr=c.lr, betas=c.betas)
         else:
-            opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas)
+            opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=self.fused_adamw)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, LRMultiplier(c.max_steps, c.lr_warmup_steps, c.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
