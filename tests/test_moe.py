@@ -197,13 +197,17 @@ def _loop_and_grouped(ffn, x):
     return results
 
 
-def test_grouped_experts_equal_the_per_expert_loop_in_values_and_gradients():
+def test_grouped_experts_equal_the_per_expert_loop_in_values_and_gradients(monkeypatch):
     """grouped_swiglu (three grouped matmuls over stacked effective weights) gives the loop's values
     and weight gradients to float rounding (SiLU's vectorised and scalar tails round differently,
     and where a row falls depends on how many rows share its expert), the same expert calls, at
     every λ, in training and eval, per-tensor and per-channel scales, and without quantization."""
+    import quillan.moe
     from quillan.bitnet import set_lambda
 
+    grouped_calls = []
+    real = quillan.moe.grouped_swiglu
+    monkeypatch.setattr(quillan.moe, "grouped_swiglu", lambda *a: grouped_calls.append(1) or real(*a))
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
     for kw in ({}, {"per_channel": True}, {"quantize": False}):
         ffn = _council(**kw)
@@ -213,7 +217,8 @@ def test_grouped_experts_equal_the_per_expert_loop_in_values_and_gradients():
                 ffn.train(training)
                 (loop, g_loop, n_loop), (grouped, g_grouped, n_grouped) = _loop_and_grouped(ffn, x)
                 assert torch.allclose(loop, grouped, rtol=1e-6, atol=1e-7), (kw, lam, training)
-                assert n_loop == n_grouped > 0
+                assert n_loop == n_grouped > 0 and len(grouped_calls) == 1
+                grouped_calls.clear()
                 assert len(g_loop) == len(g_grouped) > 0
                 for a, b in zip(g_loop, g_grouped):
                     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (kw, lam, training)
