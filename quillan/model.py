@@ -300,10 +300,12 @@ class Quillan(nn.Module):
         L = len(self.blocks)
         active = torch.arange(B, device=ids.device)
         for li, block in enumerate(self.blocks):
-            rows = None if active.numel() == B else active
-            hs, _ = block(h[active], cos[active], sin[active], mask[active], (cache.k[li], cache.v[li]), slot, rows)
-            h = h.clone()
-            h[active] = hs
+            if active.numel() == B:  # every row on: no gathers and scatters (decoding is op-bound)
+                h = hs = block(h, cos, sin, mask, (cache.k[li], cache.v[li]), slot, None)[0]
+            else:
+                hs, _ = block(h[active], cos[active], sin[active], mask[active], (cache.k[li], cache.v[li]), slot, active)
+                h = h.clone()
+                h[active] = hs
             self.block_evals += active.numel() * T
             if not early_exit or li == L - 1:
                 continue
