@@ -100,7 +100,9 @@ def stackable(experts: list[SwiGLU], x: torch.Tensor) -> bool:
 
 def grouped_swiglu(experts: list[SwiGLU], x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Every expert on its own rows of x (A, D), rows sorted by expert with counts[g] rows for
-    expert g (G,): (A, D), the same values as calling each expert on its rows. Three grouped
+    expert g (G,): (A, D), the values of calling each expert on its rows (to float rounding:
+    SiLU's vector and scalar tails differ in the last bit, and which rows land in a tail depends
+    on the group sizes; tests/test_moe.py compares values and gradients). Three grouped
     matmuls over stacked effective weights instead of 3·G matmuls and 3·G weight quantizations
     (a training step's MoE dispatch was a loop of 16 experts per layer). The activation
     fake-quant is per row, so quantizing the sorted rows once equals each expert's own."""
