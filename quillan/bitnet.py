@@ -190,6 +190,11 @@ class BitLinear(nn.Linear):
                 f"act_quant={self.act_quant}, per_channel={self.per_channel}, method={self.method}")
 
 
+def has_forward_hooks(m: nn.Module) -> bool:
+    """Whether m has forward (pre-)hooks: paths that bypass `m(x)` must not skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def on_shared_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
     """Each layer applied to x. Where every layer is a BitLinear quantizing activations the same
     way, x is fake-quantized once for all of them (SwiGLU's w1/w3 and attention's q/k/v read one
@@ -198,7 +203,7 @@ def on_shared_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torc
     reads their inputs through hooks, which `project` would bypass), are called as they are."""
     first = layers[0]
     if all(type(m) is BitLinear and (m.quantize and m.act_quant) == (first.quantize and first.act_quant)
-           and not (m._forward_hooks or m._forward_pre_hooks) for m in layers):
+           and not has_forward_hooks(m) for m in layers):
         xq = first.quantized_input(x)
         return [m.project(xq) for m in layers]
     return [m(x) for m in layers]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quillan.bitnet import BitLinear, binary_weight, fake_quantize_activations, on_shared_input, stacked_effective_weight
+from quillan.bitnet import BitLinear, binary_weight, has_forward_hooks, on_shared_input, stacked_effective_weight
 
 
 def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -76,10 +76,6 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
 def stackable(experts: list[SwiGLU], x: torch.Tensor) -> bool:
     """Whether `grouped_swiglu` computes these experts: every one a SwiGLU of plain absmean
     BitLinears configured alike, with no forward hooks (calibration reads inputs through
@@ -89,10 +85,10 @@ def stackable(experts: list[SwiGLU], x: torch.Tensor) -> bool:
         return False
     keys = set()
     for e in experts:
-        if type(e) is not SwiGLU or _hooked(e):
+        if type(e) is not SwiGLU or has_forward_hooks(e):
             return False
         for m in (e.w1, e.w3, e.w2):
-            if type(m) is not BitLinear or m.method != "absmean" or m.bias is not None or _hooked(m):
+            if type(m) is not BitLinear or m.method != "absmean" or m.bias is not None or has_forward_hooks(m):
                 return False
             keys.add((m.lam, m.training, m.quantize, m.act_quant, m.per_channel))
     return len(keys) == 1
@@ -107,14 +103,14 @@ def grouped_swiglu(experts: list[SwiGLU], x: torch.Tensor, counts: torch.Tensor)
     (a training step's MoE dispatch was a loop of 16 experts per layer). The activation
     fake-quant is per row, so quantizing the sorted rows once equals each expert's own."""
     offs = counts.cumsum(0).to(torch.int32)
-    act_quant = experts[0].w1.quantize and experts[0].w1.act_quant
+    first = experts[0]  # every layer is configured alike (`stackable`): its input quantization is theirs
 
     def stacked(name: str) -> torch.Tensor:  # (G, in, out): grouped_mm multiplies x @ w
         return stacked_effective_weight([getattr(e, name) for e in experts]).transpose(1, 2)
 
-    xq = fake_quantize_activations(x) if act_quant else x
+    xq = first.w1.quantized_input(x)
     h = F.silu(F.grouped_mm(xq, stacked("w1"), offs=offs)) * F.grouped_mm(xq, stacked("w3"), offs=offs)
-    return F.grouped_mm(fake_quantize_activations(h) if act_quant else h, stacked("w2"), offs=offs)
+    return F.grouped_mm(first.w2.quantized_input(h), stacked("w2"), offs=offs)
 
 
 @dataclass
@@ -244,8 +240,9 @@ class CouncilFFN(nn.Module):
         active = int((counts > 0).sum())
         # Grouped quantizes every expert's weights: it pays when most experts have rows (training,
         # batched decoding; 1.6x at 64 sequences), not at batch 1 (2x slower, 4 of 16 used).
-        if run_all is None and self.grouped and 2 * active >= counts.numel() and stackable(list(self.experts), xs):
-            run_all = lambda rows, c: grouped_swiglu(list(self.experts), rows, c)  # noqa: E731
+        experts = list(self.experts)
+        if run_all is None and self.grouped and 2 * active >= counts.numel() and stackable(experts, xs):
+            run_all = lambda rows, c: grouped_swiglu(experts, rows, c)  # noqa: E731
         if run_all is not None:
             self.expert_calls += active
             out.index_add_(0, tokens, run_all(xs.index_select(0, tokens), counts) * weights[:, None])
