@@ -3,7 +3,7 @@ weights, one scale per vocabulary row, int8 activations) gives in speed and cost
 
 - Speed, at the `gpu` preset's head (vocab 50257 × dim 512, seeded random weights): FP32, BF16 and
   INT8 heads for one token (batch-1 decode) and 512 tokens (prefill), interleaved medians; `int8`
-  is the module as it runs (`int8_path`: the native VPDPBUSD loop where the kernels have it),
+  is the module as it runs (`int8_path`: the native int8-rows loop where the kernels have one: VPDPBUSD, or maddubs on AVX2),
   `int8_int_mm` its `torch._int_mm` fallback on the same weights.
 - Quality, on a trained model (`--model`, default models/grpo): answer-token cross-entropy on
   `--val` stratified val records and greedy exact match on `--test` stratified test records, with

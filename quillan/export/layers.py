@@ -196,7 +196,7 @@ class Int8Rows(nn.Module):
 class Int8Head(Int8Rows):
     """The output head (vocab, dim) as int8 rows, one scale per vocabulary row, with per-token int8
     activations (BitNet §2's quantizer): logits = (q_x @ qᵀ) · s_x · s_w, the integer product in
-    `quillan.kernels.int8_rows_linear` (VPDPBUSD) or `torch._int_mm` (oneDNN). A quarter of the FP32 head's bytes,
+    `quillan.kernels.int8_rows_linear` (VPDPBUSD, or maddubs on AVX2) or `torch._int_mm` (oneDNN). A quarter of the FP32 head's bytes,
     which is what batch-1 decoding reads for it every token."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
@@ -205,9 +205,10 @@ class Int8Head(Int8Rows):
         super().__init__(q, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., dim) float → logits (..., vocab) float32: the native VPDPBUSD loop where the
-        kernels have it (faster than `torch._int_mm` at every row count bench/head.py measures:
-        oneDNN re-lays the transposed weights on each call), else `torch._int_mm`; the same bits."""
+        """x (..., dim) float → logits (..., vocab) float32: the native int8-rows loop where the
+        kernels have one (VPDPBUSD, or AVX2's maddubs; faster than `torch._int_mm` at every row count
+        bench/head.py measures: oneDNN re-lays the transposed weights on each call), else
+        `torch._int_mm`; the same bits."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         y = kernels.int8_rows_linear(x2, self.q, self.scale, EPS)

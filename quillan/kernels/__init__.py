@@ -197,16 +197,18 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, k: int, scale: torch.T
 
 
 def has_int8_rows() -> bool:
-    """Whether the loaded library has the int8-rows loop (VPDPBUSD: the `avx512_vnni` and `amx_int8`
-    builds), as the build itself reports it."""
+    """Whether the loaded library has an int8-rows loop (VPDPBUSD on the `avx512_vnni` and `amx_int8`
+    builds, maddubs on `avx2`; not the scalar build), as the build itself reports it."""
     lib = library()
     return lib is not None and bool(lib.qk_has_int8_rows())
 
 
 def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
     """y (M, N) float32 = per-token int8 x (M, K) times int8 weights q (N, K) with one float32 scale per
-    row (N, 1): ((q_x @ qᵀ) · s_x) · s_wᵀ, bit-identical to that `torch._int_mm` expression. None where
-    the library has no VPDPBUSD (the avx2 and scalar builds) or is unavailable: keep the caller's path."""
+    row (N, 1): ((q_x @ qᵀ) · s_x) · s_wᵀ, bit-identical to that `torch._int_mm` expression. q must lie in
+    [-127, 127] (symmetric int8, as `quillan.export.layers.int8_rows` makes it): the AVX2 loop moves
+    the activations' signs onto q, and -128 has no negation in int8. None where the library has no
+    int8-rows loop (the scalar build) or is unavailable: keep the caller's path."""
     if not has_int8_rows():
         return None
     lib = library()

@@ -527,6 +527,11 @@ extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, f
 // Σ (w + 128)·q_x and 128·Σ q_x comes off at the end (exact: |Σ| < 2^31 for K < 65,536).
 // Batch-1 decoding reads every weight once per token: the loop streams four weight rows at a time
 // and keeps them in L1 for every tile of up to four activation rows.
+// AVX2 has no VPDPBUSD; `_mm256_maddubs_epi16` (u8 · s8, pairs summed into int16, saturating) takes
+// |q_x| as the unsigned operand and w with q_x's sign (`_mm256_sign_epi8`), the product's sign moved
+// onto w: one int16 lane is at most 2 · 127 · 127 = 32,258 < 2^15 (both quantizers clip at ±127), so
+// it never saturates, and `_mm256_madd_epi16` by ones widens each pair sum to int32 at once (llama.cpp's
+// q8_0 dot product on AVX2 does the same). K's tail past the last 32 bytes is summed in scalar code.
 #if defined(QK_VNNI)
 template <int R, int C>
 static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, int64_t nblk, __mmask64 tail,
@@ -560,9 +565,52 @@ static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const in
 }
 #endif
 
-// 1 where this build has the int8-rows loop (VPDPBUSD: the avx512_vnni and amx_int8 paths).
+#if defined(__AVX2__) && !defined(QK_VNNI)
+#define QK_INT8_ROWS_AVX2 1
+template <int R, int C>
+static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, int32_t acc[4][4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t K32 = K / 32 * 32;
+    __m256i a[C][R];
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) a[c][r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K32; k += 32) {
+        __m256i wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_si256((const __m256i*)(w + c * K + k));
+        for (int r = 0; r < R; ++r) {
+            const __m256i x = _mm256_loadu_si256((const __m256i*)(xr[r] + k));
+            const __m256i ax = _mm256_sign_epi8(x, x);  // |q_x|, read as u8 by maddubs
+            for (int c = 0; c < C; ++c)
+                a[c][r] = _mm256_add_epi32(
+                    a[c][r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[c], x)), ones));
+        }
+    }
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) {
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[c][r]), _mm256_extracti128_si256(a[c][r], 1));
+            s = _mm_hadd_epi32(s, s);
+            s = _mm_hadd_epi32(s, s);
+            int32_t t = _mm_cvtsi128_si32(s);
+            for (int64_t k = K32; k < K; ++k) t += (int32_t)w[c * K + k] * (int32_t)xr[r][k];
+            acc[c][r] = t;
+        }
+}
+
+template <int C>
+static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const int8_t* const* xr, int32_t acc[4][4]) {
+    switch (rows) {
+        case 1: int8_rows_tile<1, C>(w, K, xr, acc); break;
+        case 2: int8_rows_tile<2, C>(w, K, xr, acc); break;
+        case 3: int8_rows_tile<3, C>(w, K, xr, acc); break;
+        default: int8_rows_tile<4, C>(w, K, xr, acc); break;
+    }
+}
+#endif
+
+// 1 where this build has an int8-rows loop: VPDPBUSD (the avx512_vnni and amx_int8 paths) or
+// maddubs (the avx2 path); 0 on the scalar build.
 extern "C" int qk_has_int8_rows() {
-#if defined(QK_VNNI)
+#if defined(QK_VNNI) || defined(QK_INT8_ROWS_AVX2)
     return 1;
 #else
     return 0;
@@ -572,7 +620,37 @@ extern "C" int qk_has_int8_rows() {
 // Returns 0 without writing y where this build has no VPDPBUSD (the caller keeps its own path).
 extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, const int8_t* w, int64_t N,
                             const float* scale, float* y) {
-#if !defined(QK_VNNI)
+#if defined(QK_INT8_ROWS_AVX2)
+    const int64_t K_pad = (K + 31) / 32 * 32;
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64 > 0 ? (M * K_pad + 63) / 64 * 64 : 64));
+    float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
+    const int64_t n_quads = (N + 3) / 4;
+#pragma omp parallel for schedule(static) if (N * K * M > 262144)
+    for (int64_t qd = 0; qd < n_quads; ++qd) {
+        const int64_t n0 = 4 * qd;
+        const int cols = (int)(N - n0 < 4 ? N - n0 : 4);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
+            const int8_t* xr[4];
+            for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
+            int32_t acc[4][4];
+            if (cols == 4) int8_rows_cols<4>(rows, w + n0 * K, K, xr, acc);
+            else
+                for (int c = 0; c < cols; ++c) {
+                    int32_t one[4][4];
+                    int8_rows_cols<1>(rows, w + (n0 + c) * K, K, xr, one);
+                    for (int r = 0; r < rows; ++r) acc[c][r] = one[0][r];
+                }
+            for (int c = 0; c < cols; ++c)
+                for (int r = 0; r < rows; ++r)
+                    y[(m0 + r) * N + n0 + c] = ((float)acc[c][r] * xs[m0 + r]) * scale[n0 + c];
+        }
+    }
+    std::free(xs);
+    std::free(xq);
+    return 1;
+#elif !defined(QK_VNNI)
     (void)x, (void)M, (void)K, (void)eps, (void)w, (void)N, (void)scale, (void)y;
     return 0;
 #else

@@ -133,12 +133,12 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
             "    q, s = qs[g]\n"
             "    exact = (rows.long() @ q.long().t()).float() * xs.split(counts)[g] * s.view(1, -1)\n"
             "    assert torch.equal(yg, exact), g\n"
-            "# int8 rows (the int8 head): exact where the build has VPDPBUSD, declined (None) where not\n"
+            "# int8 rows (the int8 head): exact where the build has a loop (VPDPBUSD or AVX2), declined (None) on scalar\n"
             "for m, k, n in [(1, 512, 261), (5, 100, 7), (4, 64, 4), (9, 700, 3)]:\n"
             "    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)\n"
             "    s, x = torch.rand(n, 1) + 0.01, torch.randn(m, k) * 4\n"
             "    y = kernels.int8_rows_linear(x, q, s, EPS)\n"
-            "    assert kernels.has_int8_rows() == (kernels.path() in ('amx_int8', 'avx512_vnni'))\n"
+            "    assert kernels.has_int8_rows() == (kernels.path() in ('amx_int8', 'avx512_vnni', 'avx2'))\n"
             "    if not kernels.has_int8_rows():\n"
             "        assert y is None\n"
             "        continue\n"
@@ -155,15 +155,17 @@ def test_every_instruction_path_is_the_exact_integer_product(path, tmp_path):
 
 def test_int8_rows_are_the_exact_integer_product():
     """The int8 head's native loop against the int64 product rescaled as Int8Head's `torch._int_mm`
-    path does it: row counts below and at a 4-row tile, K with and without a 64-byte tail, N not a
-    multiple of 4, and weights at ±127 against activations at ±127 (the largest int32 sums)."""
+    path does it: row counts below and at a 4-row tile, K with and without a 32- or 64-byte tail (and
+    below one vector), N not a multiple of 4, and weights at ±127 against activations at ±127 (the
+    largest int32 sums; on AVX2 also the largest int16 pair sums, 2 · 127 · 127)."""
     if not kernels.has_int8_rows():
-        pytest.skip(f"the int8-rows loop needs VPDPBUSD; this build's path is {kernels.path()}")
+        pytest.skip(f"the int8-rows loop needs AVX2 or VPDPBUSD; this build's path is {kernels.path()}")
     g = torch.Generator().manual_seed(0)
     extreme_q = torch.full((3, 4096), 127, dtype=torch.int8)
     extreme_q[1] = -127
     cases = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.randn(m, k, generator=g) * 3)
-             for m, k, n in [(1, 512, 50), (2, 64, 4), (3, 65, 9), (4, 1000, 5), (7, 128, 1), (15, 512, 33)]]
+             for m, k, n in [(1, 512, 50), (2, 64, 4), (3, 65, 9), (4, 1000, 5), (7, 128, 1), (15, 512, 33),
+                              (1, 31, 3), (5, 96, 6)]]
     cases.append((extreme_q, torch.stack([torch.full((4096,), 2.0), torch.full((4096,), -2.0)])))
     for q, x in cases:
         s = torch.rand(q.shape[0], 1, generator=g) + 1e-3
