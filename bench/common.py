@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,9 @@ from quillan.machine import cpu_info
 
 from tasks.common import write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# QUILLAN_BENCH_RESULTS: another folder, for a second machine's numbers beside the committed ones
+# (bench/results/avx2/ holds an AVX2-only machine's).
+RESULTS = Path(os.environ.get("QUILLAN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results").resolve()
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: float = 4.0) -> dict[str, float]:
@@ -44,7 +47,8 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json (atomic, key-sorted), with the machine it was measured on."""
+    """bench/results/<name>.json (or $QUILLAN_BENCH_RESULTS/<name>.json; atomic, key-sorted), with the
+    machine it was measured on."""
     path = RESULTS / f"{name}.json"
     write_json(path, {"machine": machine(), **payload})
     return path
