@@ -533,15 +533,25 @@ extern "C" void qk_linear(const float* x, int64_t M, int64_t K, int64_t K_pad, f
 // it never saturates, and `_mm256_madd_epi16` by ones widens each pair sum to int32 at once (llama.cpp's
 // q8_0 dot product on AVX2 does the same). K's tail past the last 32 bytes is summed in scalar code.
 #if defined(QK_VNNI)
+#define QK_INT8_ROWS 1
+// Activation rows are padded to whole 64-byte blocks; the last weight block is masked to K.
+static const int64_t INT8_ROWS_ALIGN = 64;
+static const int32_t INT8_ROWS_W_OFFSET = 128;  // w XOR 0x80 = w + 128, taken off with 128 · Σ q_x
+struct Int8RowsBlocks {
+    int64_t nblk;
+    __mmask64 tail;
+    explicit Int8RowsBlocks(int64_t K) : nblk((K + 63) / 64), tail(K % 64 ? (1ull << (K % 64)) - 1 : ~0ull) {}
+};
+
 template <int R, int C>
-static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, int64_t nblk, __mmask64 tail,
+static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, const Int8RowsBlocks& bl,
                                   int32_t acc[4][4]) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i a[C][R];
     for (int c = 0; c < C; ++c)
         for (int r = 0; r < R; ++r) a[c][r] = _mm512_setzero_si512();
-    for (int64_t b = 0; b < nblk; ++b) {
-        const __mmask64 mk = b + 1 == nblk ? tail : ~0ull;
+    for (int64_t b = 0; b < bl.nblk; ++b) {
+        const __mmask64 mk = b + 1 == bl.nblk ? bl.tail : ~0ull;
         __m512i wv[C];
         for (int c = 0; c < C; ++c) wv[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + c * K + b * 64), flip);
         for (int r = 0; r < R; ++r) {
@@ -552,23 +562,17 @@ static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* cons
     for (int c = 0; c < C; ++c)
         for (int r = 0; r < R; ++r) acc[c][r] = _mm512_reduce_add_epi32(a[c][r]);
 }
+#elif defined(__AVX2__)
+#define QK_INT8_ROWS 1
+static const int64_t INT8_ROWS_ALIGN = 32;
+static const int32_t INT8_ROWS_W_OFFSET = 0;  // maddubs takes w signed: nothing to take off
+struct Int8RowsBlocks {
+    explicit Int8RowsBlocks(int64_t) {}
+};
 
-template <int C>
-static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const int8_t* const* xr, int64_t nblk,
-                                  __mmask64 tail, int32_t acc[4][4]) {
-    switch (rows) {
-        case 1: int8_rows_tile<1, C>(w, K, xr, nblk, tail, acc); break;
-        case 2: int8_rows_tile<2, C>(w, K, xr, nblk, tail, acc); break;
-        case 3: int8_rows_tile<3, C>(w, K, xr, nblk, tail, acc); break;
-        default: int8_rows_tile<4, C>(w, K, xr, nblk, tail, acc); break;
-    }
-}
-#endif
-
-#if defined(__AVX2__) && !defined(QK_VNNI)
-#define QK_INT8_ROWS_AVX2 1
 template <int R, int C>
-static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, int32_t acc[4][4]) {
+static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* const* xr, const Int8RowsBlocks&,
+                                  int32_t acc[4][4]) {
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t K32 = K / 32 * 32;
     __m256i a[C][R];
@@ -595,14 +599,17 @@ static inline void int8_rows_tile(const int8_t* w, int64_t K, const int8_t* cons
             acc[c][r] = t;
         }
 }
+#endif
 
+#if defined(QK_INT8_ROWS)
 template <int C>
-static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const int8_t* const* xr, int32_t acc[4][4]) {
+static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const int8_t* const* xr,
+                                  const Int8RowsBlocks& bl, int32_t acc[4][4]) {
     switch (rows) {
-        case 1: int8_rows_tile<1, C>(w, K, xr, acc); break;
-        case 2: int8_rows_tile<2, C>(w, K, xr, acc); break;
-        case 3: int8_rows_tile<3, C>(w, K, xr, acc); break;
-        default: int8_rows_tile<4, C>(w, K, xr, acc); break;
+        case 1: int8_rows_tile<1, C>(w, K, xr, bl, acc); break;
+        case 2: int8_rows_tile<2, C>(w, K, xr, bl, acc); break;
+        case 3: int8_rows_tile<3, C>(w, K, xr, bl, acc); break;
+        default: int8_rows_tile<4, C>(w, K, xr, bl, acc); break;
     }
 }
 #endif
@@ -610,56 +617,26 @@ static inline void int8_rows_cols(int rows, const int8_t* w, int64_t K, const in
 // 1 where this build has an int8-rows loop: VPDPBUSD (the avx512_vnni and amx_int8 paths) or
 // maddubs (the avx2 path); 0 on the scalar build.
 extern "C" int qk_has_int8_rows() {
-#if defined(QK_VNNI) || defined(QK_INT8_ROWS_AVX2)
+#if defined(QK_INT8_ROWS)
     return 1;
 #else
     return 0;
 #endif
 }
 
-// Returns 0 without writing y where this build has no VPDPBUSD (the caller keeps its own path).
+// Returns 0 without writing y where this build has no int8-rows loop (the caller keeps its own path).
 extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, const int8_t* w, int64_t N,
                             const float* scale, float* y) {
-#if defined(QK_INT8_ROWS_AVX2)
-    const int64_t K_pad = (K + 31) / 32 * 32;
-    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64 > 0 ? (M * K_pad + 63) / 64 * 64 : 64));
-    float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
-    qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
-    const int64_t n_quads = (N + 3) / 4;
-#pragma omp parallel for schedule(static) if (N * K * M > 262144)
-    for (int64_t qd = 0; qd < n_quads; ++qd) {
-        const int64_t n0 = 4 * qd;
-        const int cols = (int)(N - n0 < 4 ? N - n0 : 4);
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
-            const int8_t* xr[4];
-            for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
-            int32_t acc[4][4];
-            if (cols == 4) int8_rows_cols<4>(rows, w + n0 * K, K, xr, acc);
-            else
-                for (int c = 0; c < cols; ++c) {
-                    int32_t one[4][4];
-                    int8_rows_cols<1>(rows, w + (n0 + c) * K, K, xr, one);
-                    for (int r = 0; r < rows; ++r) acc[c][r] = one[0][r];
-                }
-            for (int c = 0; c < cols; ++c)
-                for (int r = 0; r < rows; ++r)
-                    y[(m0 + r) * N + n0 + c] = ((float)acc[c][r] * xs[m0 + r]) * scale[n0 + c];
-        }
-    }
-    std::free(xs);
-    std::free(xq);
-    return 1;
-#elif !defined(QK_VNNI)
+#if !defined(QK_INT8_ROWS)
     (void)x, (void)M, (void)K, (void)eps, (void)w, (void)N, (void)scale, (void)y;
     return 0;
 #else
-    const int64_t K_pad = (K + 63) / 64 * 64, nblk = K_pad / 64;
-    const __mmask64 tail = K % 64 ? (1ull << (K % 64)) - 1 : ~0ull;
-    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)(M * K_pad > 0 ? M * K_pad : 64));
+    const int64_t K_pad = (K + INT8_ROWS_ALIGN - 1) / INT8_ROWS_ALIGN * INT8_ROWS_ALIGN;
+    const Int8RowsBlocks bl(K);
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64 > 0 ? (M * K_pad + 63) / 64 * 64 : 64));
     float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
-    int32_t* rowsum = row_sums(xq, M, K_pad);
+    int32_t* rowsum = INT8_ROWS_W_OFFSET ? row_sums(xq, M, K_pad) : nullptr;
     const int64_t n_quads = (N + 3) / 4;
 #pragma omp parallel for schedule(static) if (N * K * M > 262144)
     for (int64_t qd = 0; qd < n_quads; ++qd) {
@@ -670,16 +647,18 @@ extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, con
             const int8_t* xr[4];
             for (int r = 0; r < rows; ++r) xr[r] = xq + (m0 + r) * K_pad;
             int32_t acc[4][4];
-            if (cols == 4) int8_rows_cols<4>(rows, w + n0 * K, K, xr, nblk, tail, acc);
+            if (cols == 4) int8_rows_cols<4>(rows, w + n0 * K, K, xr, bl, acc);
             else
                 for (int c = 0; c < cols; ++c) {
                     int32_t one[4][4];
-                    int8_rows_cols<1>(rows, w + (n0 + c) * K, K, xr, nblk, tail, one);
+                    int8_rows_cols<1>(rows, w + (n0 + c) * K, K, xr, bl, one);
                     for (int r = 0; r < rows; ++r) acc[c][r] = one[0][r];
                 }
             for (int c = 0; c < cols; ++c)
-                for (int r = 0; r < rows; ++r)
-                    y[(m0 + r) * N + n0 + c] = ((float)(acc[c][r] - 128 * rowsum[m0 + r]) * xs[m0 + r]) * scale[n0 + c];
+                for (int r = 0; r < rows; ++r) {
+                    const int32_t off = rowsum ? INT8_ROWS_W_OFFSET * rowsum[m0 + r] : 0;
+                    y[(m0 + r) * N + n0 + c] = ((float)(acc[c][r] - off) * xs[m0 + r]) * scale[n0 + c];
+                }
         }
     }
     std::free(rowsum);
