@@ -222,6 +222,12 @@ def bit_linears(model: nn.Module) -> list[BitLinear]:
     return [m for m in model.modules() if isinstance(m, BitLinear)]
 
 
+def ternary_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The latent weights of every quantizing BitLinear of `model`: the parameters whose ternary
+    codes the deployed model holds (a change of one can flip a code)."""
+    return [m.weight for m in bit_linears(model) if m.quantize]
+
+
 def set_lambda(model: nn.Module, lam: float) -> int:
     """Set λ on every BitLinear of `model` (and on modules with binary weights, which carry a
     `binary_weights` flag); returns how many BitLinears were set."""

@@ -43,6 +43,9 @@ class GRPOConfig(BaseModel):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after lr_warmup_steps)")
     lr_warmup_steps: int = Field(5, ge=0, description="linear LR warmup, steps")
     weight_decay: float = Field(0.0, ge=0)
+    update: Literal["all", "full_precision"] = Field(
+        "all", description="parameters GRPO updates: all, or only the full-precision ones (embedding/head, "
+                           "norms, routers, overseer, micro agents), every ternary code left as trained")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     advantage: AdvantageMode = Field(
         "grpo", description="group advantage: (R−mean)/std, R−mean (Dr. GRPO), or clip to [0, 1] (seed note 000)")

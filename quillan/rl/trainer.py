@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from quillan.bitnet import ternary_parameters
 from quillan.data.tokenizer import special_ids
 from quillan.errors import NonFiniteError
 from quillan.inference import task_of
@@ -48,8 +49,12 @@ class GRPOTrainer:
         self.reference = None
         if cfg.beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        frozen = {id(p) for p in ternary_parameters(model)} if cfg.update == "full_precision" else set()
+        trained = [p for p in model.parameters() if id(p) not in frozen]
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        decay = [p for p in trained if p.dim() >= 2]
+        no_decay = [p for p in trained if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99),
                                            fused=True)  # one kernel per tensor (see the train stage's)

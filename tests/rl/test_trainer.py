@@ -99,6 +99,20 @@ def test_all_equal_rewards_skip_the_update(setup):
     assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in before.items())
 
 
+def test_full_precision_update_leaves_every_ternary_weight_as_trained(setup):
+    from quillan.bitnet import ternary_parameters
+
+    t = _trainer(setup, dynamic_sampling=False, update="full_precision")
+    frozen = {id(p) for p in ternary_parameters(t.model)}
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    assert t.step(0)["groups_kept"] == 3
+    moved = {names[id(p)] for p in t.model.parameters() if not torch.equal(p, before[names[id(p)]])}
+    assert len(frozen) > 0 and not moved & {names[i] for i in frozen}  # no latent ternary weight changed
+    assert "embed.weight" in moved  # the full-precision parameters took the update
+    assert all(p.requires_grad == (id(p) not in frozen) for p in t.model.parameters())
+
+
 def test_update_moves_the_policy_towards_higher_advantage(setup):
     t = _trainer(setup, dynamic_sampling=False, rewards=RewardWeights(correct=0.0, format=0.0, error=0.0))
     # Reward = the first completion token's id: after a few updates on these groups, completions
