@@ -61,6 +61,11 @@ class GRPOConfig(BaseModel):
     eps_high: float = Field(0.28, gt=0, description="upper clip ε_high of the ratio (clip-higher)")
     beta: float = Field(0.0, ge=0, description="k3 KL weight to the frozen starting model (0: no reference)")
     council_entropy_bonus: float = Field(0.05, ge=0, description="β_Ω: loss −= β_Ω·H(α) over the overseer weights")
+    sft_weight: float = Field(0.0, ge=0, description="γ: weight of a next-token cross-entropy on `sft_batch` training "
+                                                     "records (prompt → target, all domains) added to each update, "
+                                                     "InstructGPT's PPO-ptx (Ouyang et al. 2022, §3.5): holds the skills "
+                                                     "no informative group rewards (0: off)")
+    sft_batch: int = Field(32, ge=1, description="training records in each update's cross-entropy term (with sft_weight > 0)")
     rewards: RewardWeights = Field(default_factory=RewardWeights)
     overlong_cache: int = Field(0, ge=0, description="L_cache: DAPO soft overlong zone, tokens (0: off)")
     dynamic_sampling: bool = Field(True, description="drop all-equal-reward groups and draw more prompts")

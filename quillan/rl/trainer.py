@@ -27,6 +27,7 @@ from quillan.model import Quillan
 from quillan.rl.config import GRPOConfig
 from quillan.rl.grpo import council_entropy, dynamic_sample, group_advantages, informative_probability, policy_loss
 from quillan.rl.rollout import Group, completion_logprobs, pack_groups, sample_groups
+from quillan.train.data import TokenizedRecords, collate, masked_ce
 
 
 class GRPOTrainer:
@@ -34,6 +35,9 @@ class GRPOTrainer:
 
     def __init__(self, model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]], cfg: GRPOConfig,
                  seed: int):
+        # The cross-entropy anchor covers every domain, whatever the prompts RL draws from.
+        self.sft_data = (TokenizedRecords(records, tokenizer, model.cfg.max_seq_len, digit_order=model.cfg.digit_order)
+                         if cfg.sft_weight > 0 else None)
         if cfg.domains is not None:
             records = [r for r in records if r["domain"] in cfg.domains]
         if len(records) < cfg.prompts_per_step:
@@ -120,6 +124,13 @@ class GRPOTrainer:
                  "draws": float(ds["draws"]), "groups_kept": float(len(kept))}
         return kept, stats
 
+    def sft_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """`sft_batch` training records for step `step` (the same whether or not the run resumed),
+        collated: input_ids, attention_mask, labels (B, T)."""
+        g = self._generator(step, 20_000)
+        idx = torch.randperm(len(self.sft_data), generator=g)[: self.cfg.sft_batch].tolist()
+        return collate([self.sft_data[i] for i in idx], self.sft_data.pad_id)
+
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / (self.cfg.lr_warmup_steps + 1))
 
@@ -144,6 +155,7 @@ class GRPOTrainer:
                 old_logp = completion_logprobs(self.model, batch, c.temperature)[0]
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
+        sft = self.sft_batch(step) if self.sft_data is not None else None
         agg: dict[str, float] = {}
         for _ in range(c.num_iterations):
             logp, alphas = completion_logprobs(self.model, batch, c.temperature)
@@ -153,6 +165,11 @@ class GRPOTrainer:
                                      max_len=c.max_new_tokens, level=c.importance_sampling_level)
             entropy = council_entropy(alphas, mask)
             loss = pl - c.council_entropy_bonus * entropy
+            extra: dict[str, float] = {}
+            if sft is not None:
+                sft_ce = masked_ce(self.model(sft["input_ids"], sft["attention_mask"]).logits, sft["labels"])
+                loss = loss + c.sft_weight * sft_ce
+                extra["sft_loss"] = sft_ce.item()
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {step}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -162,7 +179,7 @@ class GRPOTrainer:
                 raise NonFiniteError(f"non-finite gradient norm ({float(grad_norm)}) at step {step}")
             self.optimizer.step()
             for k, v in {**pstats, "policy_loss": pl.item(), "council_entropy": entropy.item(), "loss": loss.item(),
-                         "grad_norm": float(grad_norm)}.items():
+                         "grad_norm": float(grad_norm), **extra}.items():
                 agg[k] = agg.get(k, 0.0) + v / c.num_iterations
         return {**stats, **agg, "skipped": 0.0, "lr": self.lr_at(step), "seconds": time.perf_counter() - t0}
 

@@ -113,6 +113,24 @@ def test_full_precision_update_leaves_every_ternary_weight_as_trained(setup):
     assert all(p.requires_grad == (id(p) not in frozen) for p in t.model.parameters())
 
 
+def test_sft_anchor_lowers_the_cross_entropy_of_training_records(setup):
+    from quillan.train.data import masked_ce
+
+    t = _trainer(setup, dynamic_sampling=False, sft_weight=20.0, sft_batch=8)
+    batch = t.sft_batch(0)
+    assert batch["input_ids"].shape[0] == 8 and torch.equal(batch["labels"], t.sft_batch(0)["labels"])
+
+    def ce() -> float:
+        t.model.eval()
+        with torch.no_grad():
+            return float(masked_ce(t.model(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"]))
+
+    before = ce()
+    stats = [t.step(s) for s in range(2)]  # both steps have an informative group (step 2 would not)
+    assert all(s["skipped"] == 0.0 and s["sft_loss"] > 0 for s in stats)
+    assert ce() < before - 0.05  # γ·CE dominates these updates: the anchor records got likelier
+
+
 def test_update_moves_the_policy_towards_higher_advantage(setup):
     t = _trainer(setup, dynamic_sampling=False, rewards=RewardWeights(correct=0.0, format=0.0, error=0.0))
     # Reward = the first completion token's id: after a few updates on these groups, completions
