@@ -32,7 +32,7 @@ OUT_DIR = ROOT / "models" / "grpo"
 CKPT_DIR = OUT_DIR / "checkpoints"
 DATA = ROOT / "data" / "generated"
 CURVE_KEYS = ("reward_mean", "reward_std", "accuracy", "council_entropy", "completion_length", "kl",
-              "clip_low", "clip_high", "zero_variance_share", "sft_loss")
+              "clip_low", "clip_high", "zero_variance_share")
 
 
 class GRPOFailed(RuntimeError):
