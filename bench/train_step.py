@@ -130,7 +130,7 @@ def main() -> None:
         print(f"{name:28s} {results[name]['tokens_per_s']:9.1f} tokens/s  {results[name]['ms_per_step']:7.1f} ms/step")
     path = write_result("train_step", {"preset": load_params().preset, "steps": args.steps, "warmup": args.warmup,
                                        "rows": args.rows, "results": results})
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
