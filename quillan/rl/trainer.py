@@ -53,10 +53,10 @@ class GRPOTrainer:
         self.reference = None
         if cfg.beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        frozen = {id(p) for p in ternary_parameters(model)} if cfg.update == "full_precision" else set()
-        trained = [p for p in model.parameters() if id(p) not in frozen]
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in frozen)
+        if cfg.update == "full_precision":
+            for p in ternary_parameters(model):
+                p.requires_grad_(False)
+        trained = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trained if p.dim() >= 2]
         no_decay = [p for p in trained if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -124,7 +124,7 @@ class GRPOTrainer:
                  "draws": float(ds["draws"]), "groups_kept": float(len(kept))}
         return kept, stats
 
-    def sft_batch(self, step: int) -> dict[str, torch.Tensor]:
+    def anchor_batch(self, step: int) -> dict[str, torch.Tensor]:
         """`sft_batch` training records for step `step` (the same whether or not the run resumed),
         collated: input_ids, attention_mask, labels (B, T)."""
         g = self._generator(step, 20_000)
@@ -155,7 +155,7 @@ class GRPOTrainer:
                 old_logp = completion_logprobs(self.model, batch, c.temperature)[0]
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
-        sft = self.sft_batch(step) if self.sft_data is not None else None
+        sft = self.anchor_batch(step) if self.sft_data is not None else None
         agg: dict[str, float] = {}
         for _ in range(c.num_iterations):
             logp, alphas = completion_logprobs(self.model, batch, c.temperature)

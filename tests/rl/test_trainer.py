@@ -117,8 +117,8 @@ def test_sft_anchor_lowers_the_cross_entropy_of_training_records(setup):
     from quillan.train.data import masked_ce
 
     t = _trainer(setup, dynamic_sampling=False, sft_weight=20.0, sft_batch=8)
-    batch = t.sft_batch(0)
-    assert batch["input_ids"].shape[0] == 8 and torch.equal(batch["labels"], t.sft_batch(0)["labels"])
+    batch = t.anchor_batch(0)
+    assert batch["input_ids"].shape[0] == 8 and torch.equal(batch["labels"], t.anchor_batch(0)["labels"])
 
     def ce() -> float:
         t.model.eval()
