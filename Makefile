@@ -22,8 +22,11 @@ install: $(BIN)/.installed
 pipeline: install
 	$(BIN)/quillan run
 
+# One worker per core; the tests that read the smoke runs share a worker (tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"

@@ -7,7 +7,27 @@ from pathlib import Path
 
 import pytest
 
+# One PyTorch thread in every test process and in every pipeline a test starts. The smoke preset's
+# tensors are too small for a second thread to pay (one smoke `dvc repro` alone: 171 s on 2
+# threads, 158 s on 1), and `make test` runs two pytest-xdist workers, each holding a core:
+# OpenMP threads spinning at barriers while the other process holds their core cost far more
+# (README "Tests"). Set before anything imports torch.
+os.environ["OMP_NUM_THREADS"] = "1"
+SMOKE_GROUP = "smoke-pipeline"
 SRC = Path(__file__).resolve().parent.parent
+
+
+def pytest_itemcollected(item):
+    """Under pytest-xdist (`--dist loadgroup`), every test that reads the session's smoke runs
+    runs on one worker, so the two smoke pipelines are built once, not once per worker. Marked
+    as each item is collected: xdist turns the group into a node-id suffix right after collection."""
+    if {"smoke_runs", "generated_project"} & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.xdist_group(SMOKE_GROUP))
+
+
+def pytest_collection_modifyitems(items):
+    """The smoke group first: it is the longest chain of work, so a worker starts on it at once."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
 
 
 def _project_files() -> list[str]:
