@@ -633,7 +633,8 @@ extern "C" int qk_int8_rows(const float* x, int64_t M, int64_t K, float eps, con
 #else
     const int64_t K_pad = (K + INT8_ROWS_ALIGN - 1) / INT8_ROWS_ALIGN * INT8_ROWS_ALIGN;
     const Int8RowsBlocks bl(K);
-    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)((M * K_pad + 63) / 64 * 64 > 0 ? (M * K_pad + 63) / 64 * 64 : 64));
+    const int64_t xq_bytes = (M * K_pad + 63) / 64 * 64;  // aligned_alloc takes a multiple of the alignment
+    int8_t* xq = (int8_t*)std::aligned_alloc(64, (size_t)(xq_bytes > 0 ? xq_bytes : 64));
     float* xs = (float*)std::malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     qk_quantize_rows(x, M, K, K_pad, eps, xq, xs);
     int32_t* rowsum = INT8_ROWS_W_OFFSET ? row_sums(xq, M, K_pad) : nullptr;
