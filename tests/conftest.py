@@ -21,7 +21,7 @@ def pytest_itemcollected(item):
     """Under pytest-xdist (`--dist loadgroup`), every test that reads the session's smoke runs
     runs on one worker, so the two smoke pipelines are built once, not once per worker. Marked
     as each item is collected: xdist turns the group into a node-id suffix right after collection."""
-    if {"smoke_runs", "generated_project"} & set(getattr(item, "fixturenames", ())):
+    if "smoke_runs" in getattr(item, "fixturenames", ()):  # the closure: generated_project's users too
         item.add_marker(pytest.mark.xdist_group(SMOKE_GROUP))
 
 
