@@ -27,3 +27,14 @@ def test_only_lock_contention_is_retried():
 def test_summary_lists_every_stage_that_ran():
     md = summary_markdown("smoke", {"generate": "ran", "gate_data": "skipped"}, "abc123")
     assert "| generate | ran |" in md and "| gate_data | skipped |" in md and "`abc123`" in md
+
+
+def test_importing_flows_gives_the_local_prefect_server_time_to_start_on_a_busy_machine():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    code = ("import flows; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as t; "
+            "print(t.value())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "180"  # Prefect's own default, 20 s, failed CI at stop 34
