@@ -307,7 +307,8 @@ def run(params: Params) -> dict:
             tracker.log_artifact(p, "plots")
         tracker.log_metrics({"final": metrics})
         tracker.log_artifact(path)
-    summary = f"train: ternary val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})"
+    kind = "ternary" if model_cfg.quantize else "full-precision (model.quantize: false)"
+    summary = f"train: {kind} val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.2f})"
     if "reference" in metrics:
         summary += f", reference {metrics['reference']['val_loss']:.4f}, ratio {metrics['ternary_vs_reference_val_loss']:.3f}"
     print(summary)
