@@ -46,7 +46,8 @@ def candidates() -> dict[str, Path]:
 
 
 def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, TokenizedRecords],
-            rss: dict[str, int]) -> dict:
+            rss: dict[str, int]) -> tuple[dict, list[int]]:
+    """The variant's metrics row, and its 0/1 outcome on each of `test` (pairs variants record by record)."""
     model, tokenizer = load_any(path)
     model.eval()
     with tqdm(total=len(test), desc=f"benchmark: {name}", unit="rec", mininterval=5) as bar:
@@ -59,11 +60,11 @@ def measure(name: str, path: Path, cfg, test: list[dict], ppl_sets: dict[str, To
         row[f"{split}_perplexity"] = evaluate_loss(model, data)["perplexity"]
     row["prefill_tokens_per_s"] = prefill_tokens_per_s(model, cfg.prefill_batch, cfg.prefill_len, cfg.repeats)
     row["decode_tokens_per_s"] = decode_tokens_per_s(model, cfg.decode_tokens, cfg.repeats)
-    return row
+    return row, acc["outcomes"]
 
 
 def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | None, threads: int,
-             machine: dict | None = None) -> str:
+             machine: dict | None = None, rule: str = "") -> str:
     where = ""
     if machine:
         isa = ", ".join(f for f, on in machine["isa"].items() if on) or "no listed ISA extensions"
@@ -78,8 +79,18 @@ def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | No
                      f"{r['test_perplexity']:.3f} | {r['size_bytes'] / 1024:,.1f} KiB | {r['bits_per_weight']:.2f} | "
                      f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB | {r['prefill_tokens_per_s']:,.0f} | "
                      f"{r['decode_tokens_per_s']:,.1f} | {gate} |")
-    lines += ["", f"Champion: **{champion or 'none (no variant passed its gate)'}**"]
+    lines += ["", f"Champion: **{champion or 'none (no variant passed its gate)'}**" + (f" ({rule})" if rule else "")]
     return "\n".join(lines) + "\n"
+
+
+def champion_rule(cfg) -> str:
+    """How the champion was chosen, in words, for the report."""
+    if cfg.primary_metric != "accuracy":
+        return f"best {cfg.primary_metric}; ties go to the smaller"
+    if cfg.champion_tolerance_se <= 0:
+        return "best accuracy; exact ties go to the smaller"
+    return (f"the smallest passing variant within {cfg.champion_tolerance_se:g} paired standard errors of the best "
+            f"accuracy on the same records")
 
 
 def by_task(rows: dict[str, dict], prior: dict[str, float], champion: str | None) -> dict[str, dict]:
@@ -172,11 +183,13 @@ def run(params: Params) -> dict:
                                  **{f"isa.{k}": v for k, v in machine["isa"].items()}}) as tracker:
         # Memory probes first and apart from the timed loops, so they never compete for the cores.
         rss = peak_rss_all(paths)
-        rows = {name: measure(name, path, cfg, test, ppl_sets, rss[name]) for name, path in paths.items()}
+        measured = {name: measure(name, path, cfg, test, ppl_sets, rss[name]) for name, path in paths.items()}
+        rows = {name: row for name, (row, _) in measured.items()}
         failed = gate_failures({v: r["accuracy"] for v, r in rows.items() if v != "reference"}, "unquantized",
                                cfg.max_accuracy_drop)
         passing = [v for v in rows if v not in ("unquantized", "reference") and v not in failed]
-        champion = pick_champion(rows, passing, cfg.primary_metric)
+        champion = pick_champion(rows, passing, cfg.primary_metric,
+                                 {name: outcomes for name, (_, outcomes) in measured.items()}, cfg.champion_tolerance_se)
         prior = prior_baseline(read_jsonl(DATA / "train.jsonl"), test)
         metrics = {"variants": rows, "champion": champion, "gate_failed": failed, "threads": threads,
                    "machine": machine, "prior_baseline": prior["overall"],
@@ -189,7 +202,7 @@ def run(params: Params) -> dict:
             metrics["registered"] = register(tracker, champion, paths[champion], rows[champion][cfg.primary_metric],
                                              cfg.primary_metric)
         path = write_metrics("benchmark", metrics)
-        md = markdown(rows, failed, champion, threads, machine) + task_table(metrics["accuracy_by_task"], rows, champion)
+        md = markdown(rows, failed, champion, threads, machine, champion_rule(cfg)) + task_table(metrics["accuracy_by_task"], rows, champion)
         write_text(REPORT, md)
         for p in _plots(rows):
             tracker.log_artifact(p, "plots")

@@ -13,6 +13,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from quillan.inference import paired_standard_error
 from quillan.model import Quillan
 
 
@@ -26,6 +27,10 @@ class BenchmarkConfig(BaseModel):
                                                  "the unquantized model fails and is never registered")
     primary_metric: Literal["accuracy", "decode_tokens_per_s", "size_bytes"] = Field(
         "accuracy", description="what picks the champion (size: lower is better); ties go to the smaller")
+    champion_tolerance_se: float = Field(
+        2.0, ge=0, description="accuracy only: a variant at most this many paired standard errors (same test "
+                               "records) below the best is tied with it, and the smallest tied variant wins; "
+                               "0: exact ties only")
     repeats: int = Field(5, ge=1, description="timed runs per speed measurement (median reported)")
     decode_tokens: int = Field(32, ge=2, description="tokens generated in the batch-1 decode timing")
     prefill_batch: int = Field(8, ge=1, description="sequences in the prefill timing")
@@ -72,9 +77,24 @@ def gate_failures(accuracy: dict[str, float], baseline: str, max_drop: float) ->
     return {v: base - a for v, a in accuracy.items() if v != baseline and base - a > max_drop}
 
 
-def pick_champion(rows: dict[str, dict[str, float]], candidates: list[str], metric: str) -> str | None:
-    """The best candidate by `metric` (higher is better, except size_bytes), ties to the smaller."""
+def pick_champion(rows: dict[str, dict[str, float]], candidates: list[str], metric: str,
+                  outcomes: dict[str, list[int]] | None = None, tolerance_se: float = 0.0) -> str | None:
+    """The best candidate by `metric` (higher is better, except size_bytes), ties to the smaller.
+
+    For `accuracy` with `outcomes` (0/1 per record, the same records in the same order for every
+    candidate), a candidate whose accuracy is at most `tolerance_se` paired standard errors below
+    the best's is tied with the best: exports of one network that differ by a few answers differ
+    by rounding, not by quality, and the smaller export should not lose to noise.
+    """
     if not candidates:
         return None
     sign = -1.0 if metric == "size_bytes" else 1.0
-    return min(candidates, key=lambda v: (-sign * rows[v][metric], rows[v]["size_bytes"], v))
+    best = min(candidates, key=lambda v: (-sign * rows[v][metric], rows[v]["size_bytes"], v))
+    if metric != "accuracy" or outcomes is None or tolerance_se <= 0:
+        return best
+
+    def tied(v: str) -> bool:
+        gap = rows[best]["accuracy"] - rows[v]["accuracy"]
+        return gap <= tolerance_se * paired_standard_error(outcomes[v], outcomes[best])
+
+    return min((v for v in candidates if tied(v)), key=lambda v: (rows[v]["size_bytes"], v))

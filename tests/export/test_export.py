@@ -16,6 +16,7 @@ from quillan.config import QuillanConfig
 from quillan.export import VARIANTS, ExportConfig, convert, dequantized_weight, load, save
 from quillan.export.layers import Int8Rows, TernaryLinear
 from quillan.export.measure import gate_failures, pick_champion
+from quillan.inference import paired_standard_error
 from quillan.model import Quillan
 
 
@@ -229,6 +230,26 @@ def test_quality_gate_and_champion():
     assert pick_champion(rows, ["ternary", "int8", "fp16"], "accuracy") == "int8"  # tie with fp16: smaller wins
     assert pick_champion(rows, ["ternary", "int8"], "size_bytes") == "ternary"
     assert pick_champion(rows, [], "accuracy") is None
+
+
+def test_champion_ties_within_paired_standard_errors_go_to_the_smaller():
+    # 100 records: int8 right on 50, ternary on 48 (int8's hits but two), fp16 on int8's 50 plus 6 more.
+    int8 = [1] * 50 + [0] * 50
+    ternary = [1] * 48 + [0] * 52
+    fp16 = [1] * 56 + [0] * 44
+    outcomes = {"ternary": ternary, "int8": int8, "fp16": fp16}
+    rows = {v: {"accuracy": sum(o) / 100, "size_bytes": size} for (v, o), size in zip(outcomes.items(), (10, 40, 80))}
+    # int8 vs ternary: 2 discordant records, paired SE = sqrt((2 - 100 * 0.02**2) / 99 / 100) = 0.01407.
+    assert paired_standard_error(ternary, int8) == pytest.approx(0.014071, abs=1e-6)
+    # fp16 vs ternary: gap 0.08 over 8 discordant records, SE 0.02727: 2.93 SEs apart.
+    assert pick_champion(rows, list(rows), "accuracy", outcomes, tolerance_se=2.0) == "fp16"
+    assert pick_champion(rows, list(rows), "accuracy", outcomes, tolerance_se=3.0) == "ternary"
+    # Without fp16, ternary is 0.02 / 0.01407 = 1.42 SEs below int8: tied at 2, not at 1.
+    two = {v: rows[v] for v in ("ternary", "int8")}
+    assert pick_champion(two, list(two), "accuracy", outcomes, tolerance_se=2.0) == "ternary"
+    assert pick_champion(two, list(two), "accuracy", outcomes, tolerance_se=1.0) == "int8"
+    assert pick_champion(two, list(two), "accuracy", outcomes, tolerance_se=0.0) == "int8"
+    assert pick_champion(two, list(two), "accuracy") == "int8"  # no outcomes: exact ties only
 
 
 def _reloaded_variants(base, tmp_path):
