@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from quillan.data.splits import stratified_sample
 from quillan.checkpoint import load_any, load_model_dir
-from quillan.export.measure import decode_tokens_per_s, gate_failures, pick_champion, prefill_tokens_per_s
+from quillan.export.measure import (champion_rule, decode_tokens_per_s, gate_failures, pick_champion,
+                                    prefill_tokens_per_s)
 from quillan.export.memory import peak_rss_all, size_and_bits
 from quillan.inference import accuracy_by_domain, prior_baseline
 from quillan.machine import cpu_info
@@ -81,16 +82,6 @@ def markdown(rows: dict[str, dict], failed: dict[str, float], champion: str | No
                      f"{r['decode_tokens_per_s']:,.1f} | {gate} |")
     lines += ["", f"Champion: **{champion or 'none (no variant passed its gate)'}**" + (f" ({rule})" if rule else "")]
     return "\n".join(lines) + "\n"
-
-
-def champion_rule(cfg) -> str:
-    """How the champion was chosen, in words, for the report."""
-    if cfg.primary_metric != "accuracy":
-        return f"best {cfg.primary_metric}; ties go to the smaller"
-    if cfg.champion_tolerance_se <= 0:
-        return "best accuracy; exact ties go to the smaller"
-    return (f"the smallest passing variant within {cfg.champion_tolerance_se:g} paired standard errors of the best "
-            f"accuracy on the same records")
 
 
 def by_task(rows: dict[str, dict], prior: dict[str, float], champion: str | None) -> dict[str, dict]:
@@ -202,7 +193,8 @@ def run(params: Params) -> dict:
             metrics["registered"] = register(tracker, champion, paths[champion], rows[champion][cfg.primary_metric],
                                              cfg.primary_metric)
         path = write_metrics("benchmark", metrics)
-        md = markdown(rows, failed, champion, threads, machine, champion_rule(cfg)) + task_table(metrics["accuracy_by_task"], rows, champion)
+        rule = champion_rule(cfg.primary_metric, cfg.champion_tolerance_se)
+        md = markdown(rows, failed, champion, threads, machine, rule) + task_table(metrics["accuracy_by_task"], rows, champion)
         write_text(REPORT, md)
         for p in _plots(rows):
             tracker.log_artifact(p, "plots")

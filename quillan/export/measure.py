@@ -98,3 +98,12 @@ def pick_champion(rows: dict[str, dict[str, float]], candidates: list[str], metr
         return gap <= tolerance_se * paired_standard_error(outcomes[v], outcomes[best])
 
     return min((v for v in candidates if tied(v)), key=lambda v: (rows[v]["size_bytes"], v))
+
+
+def champion_rule(metric: str, tolerance_se: float) -> str:
+    """`pick_champion`'s rule for these arguments, in words (for reports)."""
+    if metric != "accuracy":
+        return f"best {metric}; ties go to the smaller"
+    if tolerance_se <= 0:
+        return "best accuracy; exact ties go to the smaller"
+    return f"the smallest passing variant within {tolerance_se:g} paired standard errors of the best accuracy on the same records"

@@ -15,7 +15,7 @@ from quillan.checkpoint import CheckpointError
 from quillan.config import QuillanConfig
 from quillan.export import VARIANTS, ExportConfig, convert, dequantized_weight, load, save
 from quillan.export.layers import Int8Rows, TernaryLinear
-from quillan.export.measure import gate_failures, pick_champion
+from quillan.export.measure import champion_rule, gate_failures, pick_champion
 from quillan.inference import paired_standard_error
 from quillan.model import Quillan
 
@@ -250,6 +250,8 @@ def test_champion_ties_within_paired_standard_errors_go_to_the_smaller():
     assert pick_champion(two, list(two), "accuracy", outcomes, tolerance_se=1.0) == "int8"
     assert pick_champion(two, list(two), "accuracy", outcomes, tolerance_se=0.0) == "int8"
     assert pick_champion(two, list(two), "accuracy") == "int8"  # no outcomes: exact ties only
+    assert "within 2 paired standard errors" in champion_rule("accuracy", 2.0)
+    assert champion_rule("accuracy", 0.0) == "best accuracy; exact ties go to the smaller"
 
 
 def _reloaded_variants(base, tmp_path):
