@@ -36,10 +36,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_generation(cpuinfo: str | None = None) -> str:
+    """Vendor, family and model numbers of the first processor in `cpuinfo` (default: /proc/cpuinfo),
+    e.g. 'AuthenticAMD family 26 model 2' (family 26 = 1Ah: Zen 5; 25: Zen 3/4): virtual machines
+    often name every AMD part just "AMD EPYC". '' where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if not {"vendor_id", "cpu family", "model"} <= fields.keys():
+        return ""
+    return f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']}"
+
+
 def cpu_info() -> dict[str, Any]:
-    """{"cpu": model name, "cores": logical CPUs, "isa": {flag: present} for ISA_FLAGS}."""
+    """{"cpu": model name, "cpu_generation": vendor/family/model, "cores": logical CPUs,
+    "isa": {flag: present} for ISA_FLAGS}."""
     flags = cpu_flags()
-    return {"cpu": cpu_model(), "cores": usable_cores(), "isa": {f: f in flags for f in ISA_FLAGS}}
+    return {"cpu": cpu_model(), "cpu_generation": cpu_generation(), "cores": usable_cores(),
+            "isa": {f: f in flags for f in ISA_FLAGS}}
 
 
 def usable_cores() -> int:
