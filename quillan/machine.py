@@ -14,43 +14,38 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_b
              "amx_bf16")
 
 
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """Each key of `cpuinfo` (default: /proc/cpuinfo) with its first value, i.e. the first
+    processor's ('model name' → 'AMD EPYC'); {} where there is no such file (e.g. macOS)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags ('flags', or 'Features' on ARM); empty where unknown."""
+    fields = cpuinfo_fields()
+    return set((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def cpu_model() -> str:
     """The CPU's model name ('model name' in /proc/cpuinfo), else what `platform` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_fields().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_generation(cpuinfo: str | None = None) -> str:
     """Vendor, family and model numbers of the first processor in `cpuinfo` (default: /proc/cpuinfo),
     e.g. 'AuthenticAMD family 26 model 2' (family 26 = 1Ah: Zen 5; 25: Zen 3/4): virtual machines
     often name every AMD part just "AMD EPYC". '' where unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the first processor's block is enough
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
+    fields = cpuinfo_fields(cpuinfo)
     if not {"vendor_id", "cpu family", "model"} <= fields.keys():
         return ""
     return f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']}"

@@ -171,8 +171,9 @@ static inline void dot_rows(int rows, const uint8_t* const* w, const int8_t* con
 // at a time: both VPDPBUSD loops prefetch PREFETCH_BYTES ahead of each row they read (past the last
 // row it is a harmless hint). On a 2-core Zen 5 EPYC, each library build holding its own copy of the
 // weights, an FP32 call before every call, medians over shuffled rounds in one process (README,
-// "On a Zen 5"): ternary K = N = 2048 0.164 → 0.133 ms at M = 1 and 0.346 → 0.321 at M = 8; the int8
-// head (50,257 × 512, M = 1) 2.05–2.19 → 0.84–0.94 ms in a quiet window. 2048 bytes measured alike.
+// "On a Zen 5"): ternary K = N = 2048 0.164 → 0.133 ms at M = 1 (0.056 → 0.050 in a quieter run;
+// M ≥ 8 within ±7 %); the int8 head (50,257 × 512, M = 1) 2.05–2.19 → 0.84–0.94 ms in a quiet
+// window. 2048 bytes measured alike.
 static const int64_t PREFETCH_BYTES = 4096;
 
 // Activations (M, K_pad) → (M, K_pair) with K_pair = K_pad rounded up to 256: for each pair of
