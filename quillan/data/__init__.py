@@ -34,7 +34,8 @@ class DataConfig(BaseModel):
     math_steps_frac: float = Field(0.3, ge=0, le=1, description="share of math items with worked steps")
     math_format: MathFormat = Field(
         "plain", description="plain: the answer; reversed: `rev <digits least significant first>` then "
-                             "`Answer: N` (Lee et al. 2023)")
+                             "`Answer: N` (Lee et al. 2023); columns: add/sub as one line per place "
+                             "`x+y+c=d cC` then `Answer: N`, mul as reversed (generators.column_steps)")
     val_frac: float = Field(0.1, gt=0, lt=0.5)
     test_frac: float = Field(0.1, gt=0, lt=0.5)
     min_chars: int = Field(4, ge=1, description="prompt+target characters, lower bound")

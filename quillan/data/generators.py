@@ -84,7 +84,7 @@ WORDS = (
 ).split()
 
 
-MathFormat = Literal["plain", "reversed"]
+MathFormat = Literal["plain", "reversed", "columns"]
 MATH_FORMATS = get_args(MathFormat)
 REVERSED_MARK = "rev"
 
@@ -98,7 +98,10 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: M
     """An add/sub/mul item. `math_format: reversed` writes `rev <digits, least significant first>`
     before `Answer: N`: each digit then depends only on the operands' digits at that place and
     the carry, which small transformers learn far faster than most-significant-first output
-    (Lee et al. 2023, arXiv 2307.03381, §4 "reverse")."""
+    (Lee et al. 2023, arXiv 2307.03381, §4 "reverse"). `columns` writes every add/sub target as
+    `column_steps` (one line per place, then `Answer: N`; with or without a request for steps)
+    and mul as `reversed`. The format never changes which random numbers are drawn: the prompts
+    and answers are the same in every format."""
     op = rng.choice(tuple(_MATH_TEMPLATES))
     if op == "mul":
         da, db = {1: (1, 1), 2: (2, 1), 3: (2, 2)}[difficulty]
@@ -110,10 +113,41 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: M
     answer = expected_answer(spec)
     prompt = rng.choice(_MATH_TEMPLATES[op]).format(a=a, b=b)
     target = answer if math_format == "plain" else f"{REVERSED_MARK} {reversed_digits(answer)}\n{ANSWER_MARK} {answer}"
+    columns = math_format == "columns" and op != "mul"
+    if columns:
+        target = f"{column_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
     if difficulty > 1 and rng.random() < steps_frac:
         prompt += rng.choice(_STEPS_SUFFIX)
-        target = f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+        if not columns:
+            target = f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
     return {"prompt": prompt, "answer": answer, "target": target, "task": op, "verifier": spec}
+
+
+def column_steps(op: str, a: int, b: int) -> str:
+    """Column arithmetic for add/sub (a, b ≥ 0), one line per place value, units first:
+    `x+y+c=d cC` (sub: `x-y-c=d cC`, the larger operand on top, a first line `neg` when a < b),
+    where x and y are the operands' digits at that place, c the carry (borrow) in, d the result
+    digit and C the carry (borrow) out. `47 + 85` → `7+5+0=2 c1\n4+8+1=3 c1`. Each line's last
+    two numbers follow from the three before them by a one-digit fact, and its digits can be copied
+    from the prompt by place; the answer is the result digits read bottom-up (a scratchpad in
+    the spirit of Lee et al. 2023, arXiv 2307.03381, §5 "simplified scratchpad": digit sums and
+    carries, least significant first)."""
+    if op not in ("add", "sub") or a < 0 or b < 0:
+        raise ValueError(f"column_steps takes add or sub of non-negative integers, got {op} {a} {b}")
+    lines = []
+    if op == "sub" and a < b:
+        lines.append("neg")
+        a, b = b, a
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    sym, carry = _OPS[op], 0
+    for i in range(max(len(xs), len(ys))):
+        x = int(xs[i]) if i < len(xs) else 0
+        y = int(ys[i]) if i < len(ys) else 0
+        t = x + y + carry if op == "add" else x - y - carry
+        out = int(t >= 10 or t < 0)
+        lines.append(f"{x}{sym}{y}{sym}{carry}={t % 10} c{out}")
+        carry = out
+    return "\n".join(lines)
 
 
 def worked_steps(op: str, a: int, b: int) -> str:

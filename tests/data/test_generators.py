@@ -41,3 +41,32 @@ def test_reversed_math_writes_digits_least_significant_first_then_the_answer():
             assert r["target"] == p["target"]
     neg = next(r for r in rev if r["answer"].startswith("-"))
     assert neg["target"].startswith(f"rev {neg['answer'][1:][::-1]}-\n")
+
+
+def test_column_steps_carry_and_borrow():
+    import pytest
+
+    from quillan.data.generators import column_steps
+
+    assert column_steps("add", 47, 85) == "7+5+0=2 c1\n4+8+1=3 c1"  # 132: the last carry is the leading 1
+    assert column_steps("add", 999, 1) == "9+1+0=0 c1\n9+0+1=0 c1\n9+0+1=0 c1"  # shorter operand padded with 0
+    assert column_steps("sub", 65, 36) == "5-6-0=9 c1\n6-3-1=2 c0"  # 29
+    assert column_steps("sub", 19, 84) == "neg\n4-9-0=5 c1\n8-1-1=6 c0"  # -(84 - 19) = -65
+    with pytest.raises(ValueError, match="mul"):
+        column_steps("mul", 3, 4)
+
+
+def test_columns_math_keeps_prompts_and_answers_and_writes_add_sub_as_columns():
+    from quillan.data.generators import column_steps
+    from quillan.data.verify import extract_answer, verify_record
+
+    rev = generate_tasks(90, 3, 0.3, ("math",), "reversed")
+    cols = generate_tasks(90, 3, 0.3, ("math",), "columns")
+    assert [(r["prompt"], r["answer"]) for r in rev] == [(r["prompt"], r["answer"]) for r in cols]
+    for r, c in zip(rev, cols):
+        assert verify_record(c) and extract_answer(c["target"]) == c["answer"]
+        v = c["verifier"]
+        if v["op"] == "mul":
+            assert c["target"] == r["target"]
+        else:  # with or without "show your steps"
+            assert c["target"] == f"{column_steps(v['op'], v['a'], v['b'])}\nAnswer: {c['answer']}"
