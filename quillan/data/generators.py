@@ -112,15 +112,22 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: M
     spec = {"kind": "arith", "op": op, "a": a, "b": b}
     answer = expected_answer(spec)
     prompt = rng.choice(_MATH_TEMPLATES[op]).format(a=a, b=b)
-    target = answer if math_format == "plain" else f"{REVERSED_MARK} {reversed_digits(answer)}\n{ANSWER_MARK} {answer}"
-    columns = math_format == "columns" and op != "mul"
-    if columns:
-        target = f"{column_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
-    if difficulty > 1 and rng.random() < steps_frac:
+    show_steps = difficulty > 1 and rng.random() < steps_frac
+    if show_steps:
         prompt += rng.choice(_STEPS_SUFFIX)
-        if not columns:
-            target = f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+    target = math_target(op, a, b, answer, math_format, show_steps)
     return {"prompt": prompt, "answer": answer, "target": target, "task": op, "verifier": spec}
+
+
+def math_target(op: str, a: int, b: int, answer: str, math_format: MathFormat, show_steps: bool) -> str:
+    """What the model learns to write for `a op b` (`answer` its value): column steps for add/sub
+    in the `columns` format (asked for steps or not), else place-value worked steps when the prompt
+    asks for steps, else the answer (`plain`) or `rev <digits>` before it."""
+    if math_format == "columns" and op != "mul":
+        return f"{column_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+    if show_steps:
+        return f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+    return answer if math_format == "plain" else f"{REVERSED_MARK} {reversed_digits(answer)}\n{ANSWER_MARK} {answer}"
 
 
 def column_steps(op: str, a: int, b: int) -> str:
