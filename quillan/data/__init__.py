@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from quillan.data.filters import FilterReport, apply_filters
-from quillan.data.generators import DOMAINS, Domain, MathFormat, generate_tasks
+from quillan.data.generators import DOMAINS, Domain, MathFormat, ReasoningFormat, generate_tasks
 from quillan.data.splits import SPLITS, split_records
 from quillan.data.tokenizer import train_tokenizer, training_text
 from quillan.data.verify import ANSWER_MARK, extract_answer
@@ -36,6 +36,10 @@ class DataConfig(BaseModel):
         "plain", description="plain: the answer; reversed: `rev <digits least significant first>` then "
                              "`Answer: N` (Lee et al. 2023); columns: add/sub as one line per place "
                              "`x+y+c=d cC` then `Answer: N`, mul as reversed (generators.column_steps)")
+    reasoning_format: ReasoningFormat = Field(
+        "plain", description="plain: the answer; steps: max/min/count_even/count_gt/next write one line per "
+                             "list item (running extreme or count) or the rule's step, then `Answer: N`; "
+                             "sort and greater stay plain (generators.reasoning_steps)")
     val_frac: float = Field(0.1, gt=0, lt=0.5)
     test_frac: float = Field(0.1, gt=0, lt=0.5)
     min_chars: int = Field(4, ge=1, description="prompt+target characters, lower bound")
@@ -92,7 +96,8 @@ def build_dataset(cfg: DataConfig, seed: int, complete: Completer | None = None)
     The tokenizer is trained on the train split only; the token-length filter runs after it
     on every split, and its drops are counted in the same report.
     """
-    records = generate_tasks(cfg.n_per_domain, seed, cfg.math_steps_frac, tuple(cfg.domains), cfg.math_format)
+    records = generate_tasks(cfg.n_per_domain, seed, cfg.math_steps_frac, tuple(cfg.domains), cfg.math_format,
+                             cfg.reasoning_format)
     for r in records:
         r["source"] = "procedural"
     if complete is not None and cfg.self_generate.samples_per_domain > 0:

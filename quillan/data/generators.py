@@ -86,6 +86,7 @@ WORDS = (
 
 MathFormat = Literal["plain", "reversed", "columns"]
 MATH_FORMATS = get_args(MathFormat)
+ReasoningFormat = Literal["plain", "steps"]
 REVERSED_MARK = "rev"
 
 
@@ -187,7 +188,10 @@ def _numbers(rng: random.Random, difficulty: int, n: int) -> list[int]:
     return [rng.randint(0, hi) for _ in range(n)]
 
 
-def _reasoning(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+def _reasoning(rng: random.Random, difficulty: int, steps_frac: float,
+               reasoning_format: ReasoningFormat = "plain") -> Record:
+    """A max/min/greater/sort/count_even/count_gt/next item over small non-negative integers.
+    The format never changes which random numbers are drawn (see `reasoning_target`)."""
     task = rng.choice(tuple(_REASONING_TEMPLATES))
     n = 2 + difficulty + rng.randint(0, difficulty)
     spec: dict[str, Any] = {"kind": "reasoning", "task": task}
@@ -223,7 +227,52 @@ def _reasoning(rng: random.Random, difficulty: int, steps_frac: float) -> Record
             spec["threshold"] = fields["t"] = rng.choice(items)
     prompt = rng.choice(_REASONING_TEMPLATES[task]).format(**fields)
     answer = expected_answer(spec)
-    return {"prompt": prompt, "answer": answer, "target": answer, "task": task, "verifier": spec}
+    return {"prompt": prompt, "answer": answer, "target": reasoning_target(spec, answer, reasoning_format),
+            "task": task, "verifier": spec}
+
+
+def reasoning_target(spec: dict[str, Any], answer: str, reasoning_format: ReasoningFormat) -> str:
+    """What the model learns to write for a reasoning item: the answer (`plain`, and `sort` and
+    `greater` in every format), or `reasoning_steps(spec)` then `Answer: <answer>` (`steps`)."""
+    steps = reasoning_steps(spec) if reasoning_format == "steps" else None
+    return f"{steps}\n{ANSWER_MARK} {answer}" if steps else answer
+
+
+def reasoning_steps(spec: dict[str, Any]) -> str | None:
+    """A scratchpad for a reasoning item, one line per list item, or None for `sort` and `greater`.
+
+    max/min: `x m`, the item and the running extreme (`3, 9, 4` → `3 3\n9 9\n4 9`);
+    count_even/count_gt: `x y|n c`, the item, whether it counts, the running count;
+    next: the step from the rule's two terms, then the next term (`2, 5, 8, 11` → `11-8=3\n11+3=14`;
+    geom `x/y=r` then `x*r=`; alt, two interleaved sequences, steps from the term two back).
+    Each line needs one item copied by position and one comparison, parity or one-step sum, the
+    intermediate results a transformer otherwise has to hold in one forward pass (the scratchpad
+    idea of Nye et al. 2021, arXiv 2112.00114, §2)."""
+    task, items = spec["task"], spec["items"]
+    if task in ("max", "min"):
+        pick, lines, best = (max if task == "max" else min), [], items[0]
+        for x in items:
+            best = pick(best, x)
+            lines.append(f"{x} {best}")
+        return "\n".join(lines)
+    if task in ("count_even", "count_gt"):
+        lines, count = [], 0
+        for x in items:
+            hit = x % 2 == 0 if task == "count_even" else x > spec["threshold"]
+            count += hit
+            lines.append(f"{x} {'y' if hit else 'n'} {count}")
+        return "\n".join(lines)
+    if task == "next":
+        rule = spec["rule"]
+        if rule == "geom":
+            last, prev = items[-1], items[-2]
+            return f"{last}/{prev}={last // prev}\n{last}*{last // prev}={last * (last // prev)}"
+        last, prev = (items[-2], items[-4]) if rule == "alt" else (items[-1], items[-2])
+        d = last - prev
+        if d >= 0:
+            return f"{last}-{prev}={d}\n{last}+{d}={last + d}"
+        return f"{prev}-{last}={-d}\n{last}-{-d}={last + d}"
+    return None
 
 
 def _writing(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
@@ -249,7 +298,8 @@ GENERATORS: dict[str, Callable[[random.Random, int, float], Record]] = {
 
 
 def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
-                   domains: tuple[str, ...] = DOMAINS, math_format: MathFormat = "plain") -> list[Record]:
+                   domains: tuple[str, ...] = DOMAINS, math_format: MathFormat = "plain",
+                   reasoning_format: ReasoningFormat = "plain") -> list[Record]:
     """`n_per_domain` raw records per domain, equally spread over difficulties 1..3.
 
     Deterministic for a given seed: each (domain, difficulty) cell draws from its own RNG, so
@@ -263,6 +313,8 @@ def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
             for _ in range(count):
                 if domain == "math":
                     rec = _math(rng, difficulty, steps_frac, math_format)
+                elif domain == "reasoning":
+                    rec = _reasoning(rng, difficulty, steps_frac, reasoning_format)
                 else:
                     rec = GENERATORS[domain](rng, difficulty, steps_frac)
                 records.append({"domain": domain, "difficulty": difficulty, **rec})

@@ -70,3 +70,38 @@ def test_columns_math_keeps_prompts_and_answers_and_writes_add_sub_as_columns():
             assert c["target"] == r["target"]
         else:  # with or without "show your steps"
             assert c["target"] == f"{column_steps(v['op'], v['a'], v['b'])}\nAnswer: {c['answer']}"
+
+
+def test_reasoning_steps_one_line_per_item():
+    from quillan.data.generators import reasoning_steps
+
+    assert reasoning_steps({"task": "max", "items": [3, 9, 4]}) == "3 3\n9 9\n4 9"
+    assert reasoning_steps({"task": "min", "items": [7, 2, 5, 1]}) == "7 7\n2 2\n5 2\n1 1"
+    assert reasoning_steps({"task": "count_even", "items": [12, 7, 4]}) == "12 y 1\n7 n 1\n4 y 2"
+    assert reasoning_steps({"task": "count_gt", "items": [5, 9, 5, 11], "threshold": 5}) == "5 n 0\n9 y 1\n5 n 1\n11 y 2"
+    assert reasoning_steps({"task": "next", "items": [2, 5, 8, 11], "rule": "arith"}) == "11-8=3\n11+3=14"
+    assert reasoning_steps({"task": "next", "items": [3, 6, 12, 24], "rule": "geom"}) == "24/12=2\n24*2=48"
+    # alt: 4, 50, 6, 48, 8 → the odd-place sequence 50, 48 continues with 46
+    assert reasoning_steps({"task": "next", "items": [4, 50, 6, 48, 8], "rule": "alt"}) == "50-48=2\n48-2=46"
+    assert reasoning_steps({"task": "sort", "items": [3, 1], "order": "asc"}) is None
+    assert reasoning_steps({"task": "greater", "items": [3, 1]}) is None
+
+
+def test_reasoning_steps_keep_prompts_and_answers_and_fit_the_decoding_budget():
+    from quillan.data.generators import reasoning_steps
+    from quillan.data.verify import extract_answer, verify_record
+
+    plain = generate_tasks(600, 4, 0.3, ("reasoning",))
+    steps = generate_tasks(600, 4, 0.3, ("reasoning",), reasoning_format="steps")
+    assert [(r["prompt"], r["answer"]) for r in plain] == [(r["prompt"], r["answer"]) for r in steps]
+    with_steps = 0
+    for p, s in zip(plain, steps):
+        assert verify_record(s) and extract_answer(s["target"]) == s["answer"]
+        lines = reasoning_steps(s["verifier"])
+        if lines is None:
+            assert s["target"] == p["target"] == p["answer"]
+        else:
+            with_steps += 1
+            assert s["target"] == f"{lines}\nAnswer: {s['answer']}"
+            assert len(s["target"]) <= 96  # benchmark.eval_max_new_tokens at one byte per token
+    assert with_steps > 600 * 4 / 7 * 0.9  # five of the seven families
