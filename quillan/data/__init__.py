@@ -35,7 +35,8 @@ class DataConfig(BaseModel):
     math_format: MathFormat = Field(
         "plain", description="plain: the answer; reversed: `rev <digits least significant first>` then "
                              "`Answer: N` (Lee et al. 2023); columns: add/sub as one line per place "
-                             "`x+y+c=d cC` then `Answer: N`, mul as reversed (generators.column_steps)")
+                             "`x+y+c=d cC` then `Answer: N`, mul as reversed (generators.column_steps); "
+                             "columns_mul: also mul by a one-digit number as `x*y+c=d cC` lines")
     reasoning_format: ReasoningFormat = Field(
         "plain", description="plain: the answer; steps: max/min/count_even/count_gt/next write one line per "
                              "list item (running extreme or count) or the rule's step, then `Answer: N`; "

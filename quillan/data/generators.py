@@ -84,7 +84,7 @@ WORDS = (
 ).split()
 
 
-MathFormat = Literal["plain", "reversed", "columns"]
+MathFormat = Literal["plain", "reversed", "columns", "columns_mul"]
 MATH_FORMATS = get_args(MathFormat)
 ReasoningFormat = Literal["plain", "steps"]
 REVERSED_MARK = "rev"
@@ -101,7 +101,8 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: M
     the carry, which small transformers learn far faster than most-significant-first output
     (Lee et al. 2023, arXiv 2307.03381, §4 "reverse"). `columns` writes every add/sub target as
     `column_steps` (one line per place, then `Answer: N`; with or without a request for steps)
-    and mul as `reversed`. The format never changes which random numbers are drawn: the prompts
+    and mul as `reversed`; `columns_mul` also writes mul by a one-digit number in columns. The
+    format never changes which random numbers are drawn: the prompts
     and answers are the same in every format."""
     op = rng.choice(tuple(_MATH_TEMPLATES))
     if op == "mul":
@@ -122,9 +123,11 @@ def _math(rng: random.Random, difficulty: int, steps_frac: float, math_format: M
 
 def math_target(op: str, a: int, b: int, answer: str, math_format: MathFormat, show_steps: bool) -> str:
     """What the model learns to write for `a op b` (`answer` its value): column steps for add/sub
-    in the `columns` format (asked for steps or not), else place-value worked steps when the prompt
-    asks for steps, else the answer (`plain`) or `rev <digits>` before it."""
-    if math_format == "columns" and op != "mul":
+    in the `columns` formats and for mul by a one-digit `b` in `columns_mul` (asked for steps or
+    not), else place-value worked steps when the prompt asks for steps, else the answer (`plain`)
+    or `rev <digits>` before it."""
+    in_columns = op != "mul" or b < 10 and math_format == "columns_mul"
+    if math_format in ("columns", "columns_mul") and in_columns:
         return f"{column_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
     if show_steps:
         return f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
@@ -132,28 +135,34 @@ def math_target(op: str, a: int, b: int, answer: str, math_format: MathFormat, s
 
 
 def column_steps(op: str, a: int, b: int) -> str:
-    """Column arithmetic for add/sub (a, b ≥ 0), one line per place value, units first:
-    `x+y+c=d cC` (sub: `x-y-c=d cC`, the larger operand on top, a first line `neg` when a < b),
-    where x and y are the operands' digits at that place, c the carry (borrow) in, d the result
-    digit and C the carry (borrow) out. `47 + 85` → `7+5+0=2 c1\n4+8+1=3 c1`. Each line's last
+    """Column arithmetic (a, b ≥ 0; for mul b < 10), one line per place value of `a`, units first:
+    `x+y+c=d cC` (sub: `x-y-c=d cC`, the larger operand on top, a first line `neg` when a < b;
+    mul: `x*b+c=d cC`), where x and y are the operands' digits at that place, c the carry (borrow)
+    in, d the result digit and C the carry (borrow) out; a mul carry runs up to 8.
+    `47 + 85` → `7+5+0=2 c1\n4+8+1=3 c1`, `47 * 8` → `7*8+0=6 c5\n4*8+5=7 c3`. Each line's last
     two numbers follow from the three before them by a one-digit fact, and its digits can be copied
-    from the prompt by place; the answer is the result digits read bottom-up (a scratchpad in
-    the spirit of Lee et al. 2023, arXiv 2307.03381, §5 "simplified scratchpad": digit sums and
-    carries, least significant first)."""
-    if op not in ("add", "sub") or a < 0 or b < 0:
-        raise ValueError(f"column_steps takes add or sub of non-negative integers, got {op} {a} {b}")
+    from the prompt by place; the answer is the result digits read bottom-up after the last carry
+    (a scratchpad in the spirit of Lee et al. 2023, arXiv 2307.03381, §5 "simplified scratchpad":
+    digit sums and carries, least significant first)."""
+    if op not in _OPS or a < 0 or b < 0 or op == "mul" and b >= 10:
+        raise ValueError(f"column_steps takes add, sub or mul by one digit of non-negative integers, got {op} {a} {b}")
     lines = []
     if op == "sub" and a < b:
         lines.append("neg")
         a, b = b, a
     xs, ys = str(a)[::-1], str(b)[::-1]
     sym, carry = _OPS[op], 0
-    for i in range(max(len(xs), len(ys))):
+    places = len(xs) if op == "mul" else max(len(xs), len(ys))
+    for i in range(places):
         x = int(xs[i]) if i < len(xs) else 0
-        y = int(ys[i]) if i < len(ys) else 0
-        t = x + y + carry if op == "add" else x - y - carry
-        out = int(t >= 10 or t < 0)
-        lines.append(f"{x}{sym}{y}{sym}{carry}={t % 10} c{out}")
+        y = b if op == "mul" else int(ys[i]) if i < len(ys) else 0
+        if op == "mul":
+            t = x * y + carry
+            digit, out = t % 10, t // 10
+        else:
+            t = x + y + carry if op == "add" else x - y - carry
+            digit, out = t % 10, int(t >= 10 or t < 0)
+        lines.append(f"{x}{sym}{y}{sym if op != 'mul' else '+'}{carry}={digit} c{out}")
         carry = out
     return "\n".join(lines)
 

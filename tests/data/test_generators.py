@@ -52,8 +52,11 @@ def test_column_steps_carry_and_borrow():
     assert column_steps("add", 999, 1) == "9+1+0=0 c1\n9+0+1=0 c1\n9+0+1=0 c1"  # shorter operand padded with 0
     assert column_steps("sub", 65, 36) == "5-6-0=9 c1\n6-3-1=2 c0"  # 29
     assert column_steps("sub", 19, 84) == "neg\n4-9-0=5 c1\n8-1-1=6 c0"  # -(84 - 19) = -65
-    with pytest.raises(ValueError, match="mul"):
-        column_steps("mul", 3, 4)
+    assert column_steps("mul", 47, 8) == "7*8+0=6 c5\n4*8+5=7 c3"  # 376: the last carry leads
+    assert column_steps("mul", 9, 9) == "9*9+0=1 c8"  # 81
+    assert column_steps("mul", 30, 0) == "0*0+0=0 c0\n3*0+0=0 c0"  # 0
+    with pytest.raises(ValueError, match="one digit"):
+        column_steps("mul", 34, 12)
 
 
 def test_columns_math_keeps_prompts_and_answers_and_writes_add_sub_as_columns():
@@ -105,3 +108,22 @@ def test_reasoning_steps_keep_prompts_and_answers_and_fit_the_decoding_budget():
             assert s["target"] == f"{lines}\nAnswer: {s['answer']}"
             assert len(s["target"]) <= 96  # benchmark.eval_max_new_tokens at one byte per token
     assert with_steps > 600 * 4 / 7 * 0.9  # five of the seven families
+
+
+def test_columns_mul_writes_one_digit_multipliers_in_columns_and_keeps_the_rest_of_columns():
+    from quillan.data.generators import column_steps
+    from quillan.data.verify import extract_answer, verify_record
+
+    cols = generate_tasks(300, 3, 0.3, ("math",), "columns")
+    mul = generate_tasks(300, 3, 0.3, ("math",), "columns_mul")
+    assert [(r["prompt"], r["answer"]) for r in cols] == [(r["prompt"], r["answer"]) for r in mul]
+    in_columns = 0
+    for c, m in zip(cols, mul):
+        assert verify_record(m) and extract_answer(m["target"]) == m["answer"]
+        v = m["verifier"]
+        if v["op"] == "mul" and v["b"] < 10:  # difficulties 1 and 2
+            in_columns += 1
+            assert m["target"] == f"{column_steps('mul', v['a'], v['b'])}\nAnswer: {m['answer']}"
+        else:
+            assert m["target"] == c["target"]
+    assert in_columns > 300 / 3 * 2 / 3 * 0.8
