@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from quillan.data.filters import FilterReport, apply_filters
-from quillan.data.generators import DOMAINS, Domain, MathFormat, ReasoningFormat, generate_tasks
+from quillan.data.generators import DOMAINS, CodeFormat, Domain, MathFormat, ReasoningFormat, generate_tasks
 from quillan.data.splits import SPLITS, split_records
 from quillan.data.tokenizer import train_tokenizer, training_text
 from quillan.data.verify import ANSWER_MARK, extract_answer
@@ -41,6 +41,10 @@ class DataConfig(BaseModel):
         "plain", description="plain: the answer; steps: max/min/count_even/count_gt/next write one line per "
                              "list item (running extreme or count) or the rule's step, then `Answer: N`; "
                              "sort and greater stay plain (generators.reasoning_steps)")
+    code_format: CodeFormat = Field(
+        "plain", description="plain: the answer; steps: the value of each inner subexpression, innermost "
+                             "first, one per line, then `Answer: <value>` (code_expr.evaluation_trace; "
+                             "single operations and traces over 96 characters stay plain)")
     val_frac: float = Field(0.1, gt=0, lt=0.5)
     test_frac: float = Field(0.1, gt=0, lt=0.5)
     min_chars: int = Field(4, ge=1, description="prompt+target characters, lower bound")
@@ -98,7 +102,7 @@ def build_dataset(cfg: DataConfig, seed: int, complete: Completer | None = None)
     on every split, and its drops are counted in the same report.
     """
     records = generate_tasks(cfg.n_per_domain, seed, cfg.math_steps_frac, tuple(cfg.domains), cfg.math_format,
-                             cfg.reasoning_format)
+                             cfg.reasoning_format, cfg.code_format)
     for r in records:
         r["source"] = "procedural"
     if complete is not None and cfg.self_generate.samples_per_domain > 0:

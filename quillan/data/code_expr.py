@@ -114,6 +114,27 @@ def render(node: Node) -> str:
     raise ValueError(f"unknown node kind {kind!r}")
 
 
+def subexpressions(node: Node) -> list[Node]:
+    """The operands of `node` that are expressions themselves (not literals), in evaluation order."""
+    kind = node[0]
+    operands = {"lit": [], "call": node[2:3], "method": node[2:], "bin": node[2:4], "index": node[1:3],
+                "slice": node[1:4], "rev": node[1:2], "comp": node[2:4]}
+    if kind not in operands:
+        raise ValueError(f"unknown node kind {kind!r}")
+    return [child for child in operands[kind] if child[0] != "lit"]
+
+
+def evaluation_trace(node: Node) -> list[str]:
+    """The values (as `repr`) of every non-literal subexpression below the root, innermost first
+    (post-order): what a person writes when evaluating `sorted([3, 1] + [2])[::-1]` by hand,
+    `['[3, 1, 2]', '[1, 2, 3]']`, before the answer `[3, 2, 1]`. Empty for a single operation."""
+    trace: list[str] = []
+    for child in subexpressions(node):
+        trace += evaluation_trace(child)
+        trace.append(repr(evaluate(child)))
+    return trace
+
+
 def _atom(node: Node) -> str:
     # Binary operations need parentheses when they are the operand of something else.
     text = render(node)

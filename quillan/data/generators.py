@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Literal, get_args
 
-from quillan.data.code_expr import build_expression, render
+from quillan.data.code_expr import build_expression, evaluation_trace, render
 from quillan.data.verify import ANSWER_MARK, expected_answer
 
 Domain = Literal["math", "code", "reasoning", "writing"]
@@ -87,6 +87,11 @@ WORDS = (
 MathFormat = Literal["plain", "reversed", "columns", "columns_mul"]
 MATH_FORMATS = get_args(MathFormat)
 ReasoningFormat = Literal["plain", "steps"]
+CodeFormat = Literal["plain", "steps"]
+# A code trace longer than this is replaced by the bare answer: 96 characters are the `cpu`
+# preset's decoding budget (benchmark.eval_max_new_tokens) at its one byte per token, and a
+# target the model cannot finish within the budget can never be scored right.
+CODE_STEPS_MAX_CHARS = 96
 REVERSED_MARK = "rev"
 
 
@@ -183,13 +188,25 @@ def worked_steps(op: str, a: int, b: int) -> str:
     return "; ".join(lines)
 
 
-def _code(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+def _code(rng: random.Random, difficulty: int, steps_frac: float, code_format: CodeFormat = "plain") -> Record:
+    """A Python expression to evaluate (`code_expr.build_expression`). The format never changes
+    which random numbers are drawn (see `code_target`)."""
     expr, value = build_expression(rng, difficulty)
     spec = {"kind": "code", "expr": expr}
     answer = repr(value)
     prompt = rng.choice(_CODE_TEMPLATES).format(src=render(expr))
-    return {"prompt": prompt, "answer": answer, "target": answer, "task": expr[0] if expr[0] != "call" else expr[1],
-            "verifier": spec}
+    return {"prompt": prompt, "answer": answer, "target": code_target(expr, answer, code_format),
+            "task": expr[0] if expr[0] != "call" else expr[1], "verifier": spec}
+
+
+def code_target(expr: list, answer: str, code_format: CodeFormat) -> str:
+    """What the model learns to write for an expression: the answer (`plain`), or (`steps`) the
+    value of each inner subexpression on its own line, innermost first, then `Answer: <answer>`
+    (`code_expr.evaluation_trace`; a single operation has no inner values and stays the bare
+    answer, and so does a trace longer than `CODE_STEPS_MAX_CHARS`)."""
+    trace = evaluation_trace(expr) if code_format == "steps" else []
+    target = "\n".join([*trace, f"{ANSWER_MARK} {answer}"])
+    return target if trace and len(target) <= CODE_STEPS_MAX_CHARS else answer
 
 
 def _numbers(rng: random.Random, difficulty: int, n: int) -> list[int]:
@@ -308,7 +325,7 @@ GENERATORS: dict[str, Callable[[random.Random, int, float], Record]] = {
 
 def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
                    domains: tuple[str, ...] = DOMAINS, math_format: MathFormat = "plain",
-                   reasoning_format: ReasoningFormat = "plain") -> list[Record]:
+                   reasoning_format: ReasoningFormat = "plain", code_format: CodeFormat = "plain") -> list[Record]:
     """`n_per_domain` raw records per domain, equally spread over difficulties 1..3.
 
     Deterministic for a given seed: each (domain, difficulty) cell draws from its own RNG, so
@@ -324,6 +341,8 @@ def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
                     rec = _math(rng, difficulty, steps_frac, math_format)
                 elif domain == "reasoning":
                     rec = _reasoning(rng, difficulty, steps_frac, reasoning_format)
+                elif domain == "code":
+                    rec = _code(rng, difficulty, steps_frac, code_format)
                 else:
                     rec = GENERATORS[domain](rng, difficulty, steps_frac)
                 records.append({"domain": domain, "difficulty": difficulty, **rec})

@@ -127,3 +127,24 @@ def test_columns_mul_writes_one_digit_multipliers_in_columns_and_keeps_the_rest_
         else:
             assert m["target"] == c["target"]
     assert in_columns > 300 / 3 * 2 / 3 * 0.8
+
+
+def test_code_steps_keep_prompts_and_answers_and_trace_nested_expressions():
+    from quillan.data.code_expr import evaluation_trace
+    from quillan.data.generators import CODE_STEPS_MAX_CHARS
+    from quillan.data.verify import extract_answer, verify_record
+
+    plain = generate_tasks(900, 2, 0.3, ("code",))
+    steps = generate_tasks(900, 2, 0.3, ("code",), code_format="steps")
+    assert [(r["prompt"], r["answer"]) for r in plain] == [(r["prompt"], r["answer"]) for r in steps]
+    traced = 0
+    for p, s in zip(plain, steps):
+        assert verify_record(s) and extract_answer(s["target"]) == s["answer"]
+        trace = evaluation_trace(s["verifier"]["expr"])
+        full = "\n".join([*trace, f"Answer: {s['answer']}"])
+        if trace and len(full) <= CODE_STEPS_MAX_CHARS:
+            traced += 1
+            assert s["target"] == full
+        else:  # a single operation, or a trace over the decoding budget
+            assert s["target"] == p["target"] == p["answer"]
+    assert 0.5 < traced / len(steps) < 0.9  # difficulty 1 is mostly single operations
