@@ -95,6 +95,11 @@ CODE_STEPS_MAX_CHARS = 96
 REVERSED_MARK = "rev"
 
 
+def worked_target(steps: str, answer: str) -> str:
+    """The target of a worked item: the steps, then a last line `Answer: <answer>`."""
+    return f"{steps}\n{ANSWER_MARK} {answer}"
+
+
 def reversed_digits(answer: str) -> str:
     """The answer's digits least significant first, a minus sign last: `-853` → `358-`."""
     return answer[::-1]
@@ -133,10 +138,10 @@ def math_target(op: str, a: int, b: int, answer: str, math_format: MathFormat, s
     or `rev <digits>` before it."""
     in_columns = op != "mul" or b < 10 and math_format == "columns_mul"
     if math_format in ("columns", "columns_mul") and in_columns:
-        return f"{column_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
+        return worked_target(column_steps(op, a, b), answer)
     if show_steps:
-        return f"{worked_steps(op, a, b)}\n{ANSWER_MARK} {answer}"
-    return answer if math_format == "plain" else f"{REVERSED_MARK} {reversed_digits(answer)}\n{ANSWER_MARK} {answer}"
+        return worked_target(worked_steps(op, a, b), answer)
+    return answer if math_format == "plain" else worked_target(f"{REVERSED_MARK} {reversed_digits(answer)}", answer)
 
 
 def column_steps(op: str, a: int, b: int) -> str:
@@ -205,7 +210,7 @@ def code_target(expr: list, answer: str, code_format: CodeFormat) -> str:
     (`code_expr.evaluation_trace`; a single operation has no inner values and stays the bare
     answer, and so does a trace longer than `CODE_STEPS_MAX_CHARS`)."""
     trace = evaluation_trace(expr) if code_format == "steps" else []
-    target = "\n".join([*trace, f"{ANSWER_MARK} {answer}"])
+    target = worked_target("\n".join(trace), answer)
     return target if trace and len(target) <= CODE_STEPS_MAX_CHARS else answer
 
 
@@ -261,7 +266,7 @@ def reasoning_target(spec: dict[str, Any], answer: str, reasoning_format: Reason
     """What the model learns to write for a reasoning item: the answer (`plain`, and `sort` and
     `greater` in every format), or `reasoning_steps(spec)` then `Answer: <answer>` (`steps`)."""
     steps = reasoning_steps(spec) if reasoning_format == "steps" else None
-    return f"{steps}\n{ANSWER_MARK} {answer}" if steps else answer
+    return worked_target(steps, answer) if steps else answer
 
 
 def reasoning_steps(spec: dict[str, Any]) -> str | None:
@@ -301,7 +306,7 @@ def reasoning_steps(spec: dict[str, Any]) -> str | None:
     return None
 
 
-def _writing(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
+def _writing(rng: random.Random, difficulty: int, steps_frac: float, target_format: str = "plain") -> Record:
     task = rng.choice(tuple(_WRITING_TEMPLATES))
     single = task in ("reverse", "count_letter", "length")
     n_words = 1 if single else 1 + difficulty + rng.randint(0, 1)
@@ -318,7 +323,8 @@ def _writing(rng: random.Random, difficulty: int, steps_frac: float) -> Record:
     return {"prompt": prompt, "answer": answer, "target": answer, "task": task, "verifier": spec}
 
 
-GENERATORS: dict[str, Callable[[random.Random, int, float], Record]] = {
+# (rng, difficulty, steps_frac, target format of the domain) -> record; writing has one format.
+GENERATORS: dict[str, Callable[[random.Random, int, float, str], Record]] = {
     "math": _math, "code": _code, "reasoning": _reasoning, "writing": _writing,
 }
 
@@ -331,19 +337,13 @@ def generate_tasks(n_per_domain: int, seed: int, steps_frac: float = 0.3,
     Deterministic for a given seed: each (domain, difficulty) cell draws from its own RNG, so
     changing one domain's count leaves the others' records unchanged.
     """
+    formats = {"math": math_format, "reasoning": reasoning_format, "code": code_format}
     records: list[Record] = []
     for domain in domains:
         for difficulty in DIFFICULTIES:
             rng = random.Random(f"{seed}/{domain}/{difficulty}")
             count = n_per_domain // len(DIFFICULTIES) + (difficulty <= n_per_domain % len(DIFFICULTIES))
             for _ in range(count):
-                if domain == "math":
-                    rec = _math(rng, difficulty, steps_frac, math_format)
-                elif domain == "reasoning":
-                    rec = _reasoning(rng, difficulty, steps_frac, reasoning_format)
-                elif domain == "code":
-                    rec = _code(rng, difficulty, steps_frac, code_format)
-                else:
-                    rec = GENERATORS[domain](rng, difficulty, steps_frac)
+                rec = GENERATORS[domain](rng, difficulty, steps_frac, formats.get(domain, "plain"))
                 records.append({"domain": domain, "difficulty": difficulty, **rec})
     return records

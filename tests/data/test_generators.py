@@ -1,6 +1,16 @@
 from collections import Counter
 
 from quillan.data.generators import DOMAINS, generate_tasks
+from quillan.data.verify import extract_answer, verify_record
+
+
+def pairs_with_same_prompts_and_answers(base: list[dict], other: list[dict]) -> list[tuple[dict, dict]]:
+    """(base, other) record pairs, after asserting that a target format changed only the targets
+    and that every target of `other` verifies and ends in its answer."""
+    assert [(r["prompt"], r["answer"]) for r in base] == [(r["prompt"], r["answer"]) for r in other]
+    for r in other:
+        assert verify_record(r) and extract_answer(r["target"]) == r["answer"]
+    return list(zip(base, other))
 
 
 def test_deterministic_and_seed_dependent():
@@ -27,14 +37,9 @@ def test_required_fields():
 
 
 def test_reversed_math_writes_digits_least_significant_first_then_the_answer():
-    from quillan.data.generators import generate_tasks
-    from quillan.data.verify import extract_answer, verify_record
-
     plain = generate_tasks(90, 3, 0.3, ("math",))
     rev = generate_tasks(90, 3, 0.3, ("math",), "reversed")
-    assert [r["prompt"] for r in plain] == [r["prompt"] for r in rev]  # same items, other targets
-    for p, r in zip(plain, rev):
-        assert verify_record(r) and extract_answer(r["target"]) == r["answer"] == p["answer"]
+    for p, r in pairs_with_same_prompts_and_answers(plain, rev):  # same items, other targets
         if "\n" not in p["target"]:  # plain answers become `rev <reversed digits>` + `Answer: N`
             assert r["target"] == f"rev {p['answer'][::-1]}\nAnswer: {p['answer']}"
         else:  # "show your steps" prompts keep their worked steps
@@ -61,13 +66,10 @@ def test_column_steps_carry_and_borrow():
 
 def test_columns_math_keeps_prompts_and_answers_and_writes_add_sub_as_columns():
     from quillan.data.generators import column_steps
-    from quillan.data.verify import extract_answer, verify_record
 
     rev = generate_tasks(90, 3, 0.3, ("math",), "reversed")
     cols = generate_tasks(90, 3, 0.3, ("math",), "columns")
-    assert [(r["prompt"], r["answer"]) for r in rev] == [(r["prompt"], r["answer"]) for r in cols]
-    for r, c in zip(rev, cols):
-        assert verify_record(c) and extract_answer(c["target"]) == c["answer"]
+    for r, c in pairs_with_same_prompts_and_answers(rev, cols):
         v = c["verifier"]
         if v["op"] == "mul":
             assert c["target"] == r["target"]
@@ -92,14 +94,11 @@ def test_reasoning_steps_one_line_per_item():
 
 def test_reasoning_steps_keep_prompts_and_answers_and_fit_the_decoding_budget():
     from quillan.data.generators import reasoning_steps
-    from quillan.data.verify import extract_answer, verify_record
 
     plain = generate_tasks(600, 4, 0.3, ("reasoning",))
     steps = generate_tasks(600, 4, 0.3, ("reasoning",), reasoning_format="steps")
-    assert [(r["prompt"], r["answer"]) for r in plain] == [(r["prompt"], r["answer"]) for r in steps]
     with_steps = 0
-    for p, s in zip(plain, steps):
-        assert verify_record(s) and extract_answer(s["target"]) == s["answer"]
+    for p, s in pairs_with_same_prompts_and_answers(plain, steps):
         lines = reasoning_steps(s["verifier"])
         if lines is None:
             assert s["target"] == p["target"] == p["answer"]
@@ -112,14 +111,11 @@ def test_reasoning_steps_keep_prompts_and_answers_and_fit_the_decoding_budget():
 
 def test_columns_mul_writes_one_digit_multipliers_in_columns_and_keeps_the_rest_of_columns():
     from quillan.data.generators import column_steps
-    from quillan.data.verify import extract_answer, verify_record
 
     cols = generate_tasks(300, 3, 0.3, ("math",), "columns")
     mul = generate_tasks(300, 3, 0.3, ("math",), "columns_mul")
-    assert [(r["prompt"], r["answer"]) for r in cols] == [(r["prompt"], r["answer"]) for r in mul]
     in_columns = 0
-    for c, m in zip(cols, mul):
-        assert verify_record(m) and extract_answer(m["target"]) == m["answer"]
+    for c, m in pairs_with_same_prompts_and_answers(cols, mul):
         v = m["verifier"]
         if v["op"] == "mul" and v["b"] < 10:  # difficulties 1 and 2
             in_columns += 1
@@ -132,14 +128,11 @@ def test_columns_mul_writes_one_digit_multipliers_in_columns_and_keeps_the_rest_
 def test_code_steps_keep_prompts_and_answers_and_trace_nested_expressions():
     from quillan.data.code_expr import evaluation_trace
     from quillan.data.generators import CODE_STEPS_MAX_CHARS
-    from quillan.data.verify import extract_answer, verify_record
 
     plain = generate_tasks(900, 2, 0.3, ("code",))
     steps = generate_tasks(900, 2, 0.3, ("code",), code_format="steps")
-    assert [(r["prompt"], r["answer"]) for r in plain] == [(r["prompt"], r["answer"]) for r in steps]
     traced = 0
-    for p, s in zip(plain, steps):
-        assert verify_record(s) and extract_answer(s["target"]) == s["answer"]
+    for p, s in pairs_with_same_prompts_and_answers(plain, steps):
         trace = evaluation_trace(s["verifier"]["expr"])
         full = "\n".join([*trace, f"Answer: {s['answer']}"])
         if trace and len(full) <= CODE_STEPS_MAX_CHARS:
