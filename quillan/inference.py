@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from quillan.data.tokenizer import decode_text, model_text, prompt_text, special_ids
-from quillan.data.verify import is_correct
+from quillan.data.verify import extract_answer, is_correct, normalize_answer
 from quillan.model import Quillan
 
 
@@ -138,12 +138,18 @@ def accuracy_by_domain(model: Quillan, tokenizer: Tokenizer, records: list[dict[
 def pass_at_k(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]], k: int, temperature: float,
               max_new_tokens: int = 64, top_k: int | None = None, seed: int = 0, batch_size: int = 256,
               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """pass@1 (sampled) and pass@k over `records`: k completions per prompt at `temperature`;
+    """pass@1 (sampled), pass@k and maj@k over `records`: k completions per prompt at `temperature`;
     pass@k is the share of prompts with at least one correct completion (n = k samples, so
     Chen et al. 2021's unbiased estimator 1 − C(n−c, k)/C(n, k) reduces to this), pass@1 the
-    mean share of correct completions. Overall and per task family; deterministic for a seed.
-    Returns {"k", "temperature", "pass_at_1", "pass_at_k", "by_task": {family: {"pass_at_1", "pass_at_k", "n"}}}
-    (names MLflow accepts as metric keys: no "@")."""
+    mean share of correct completions, maj@k the share whose majority answer (`majority_answer`)
+    is correct. Overall and per task family; deterministic for a seed.
+
+    maj@k is what sharpening the sampled distribution towards its mode reaches (Huang et al. 2024,
+    arXiv 2412.01951); pass@k bounds what RL with a verifier finds among the model's own samples
+    (Yue et al. 2025, arXiv 2504.13837); a pass@k near `prior_pass_at_k` is guessing, not headroom.
+    Returns {"k", "temperature", "pass_at_1", "pass_at_k", "maj_at_k",
+    "by_task": {family: {"pass_at_1", "pass_at_k", "maj_at_k", "n"}}} (names MLflow accepts as
+    metric keys: no "@")."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(records)), key=lambda i: (len(records[i]["prompt"]), i))
@@ -157,18 +163,50 @@ def pass_at_k(model: Quillan, tokenizer: Tokenizer, records: list[dict[str, Any]
         if progress is not None:
             progress(len(batch) // k)
     model.train(was_training)
-    fams: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # correct samples, prompts solved, prompts
+    # per family: correct samples, prompts solved, prompts whose majority answer is right, prompts
+    fams: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for j, i in enumerate(order):
-        c = sum(int(is_correct(records[i], t)) for t in texts[j * k : (j + 1) * k])
+        group = texts[j * k : (j + 1) * k]
+        c = sum(int(is_correct(records[i], t)) for t in group)
         f = fams[task_of(records[i])]
         f[0] += c
         f[1] += int(c > 0)
-        f[2] += 1
+        f[2] += int(is_correct(records[i], majority_answer(group)))
+        f[3] += 1
     n = max(len(records), 1)
     return {"k": k, "temperature": temperature,
             "pass_at_1": sum(f[0] for f in fams.values()) / (n * k), "pass_at_k": sum(f[1] for f in fams.values()) / n,
-            "by_task": {t: {"pass_at_1": f[0] / (f[2] * k), "pass_at_k": f[1] / f[2], "n": f[2]}
+            "maj_at_k": sum(f[2] for f in fams.values()) / n,
+            "by_task": {t: {"pass_at_1": f[0] / (f[3] * k), "pass_at_k": f[1] / f[3], "maj_at_k": f[2] / f[3], "n": f[3]}
                         for t, f in sorted(fams.items())}}
+
+
+def majority_answer(completions: list[str]) -> str:
+    """The answer most of `completions` give (`extract_answer`, compared as `normalize_answer`
+    does); a tie goes to the answer given first. Self-consistency's vote (Wang et al. 2023,
+    arXiv 2203.11171)."""
+    answers = [normalize_answer(extract_answer(c)) for c in completions]
+    counts = Counter(answers)
+    return max(answers, key=lambda a: (counts[a], -answers.index(a))) if answers else ""
+
+
+def prior_pass_at_k(train: list[dict[str, Any]], records: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """pass@k of guessing: each of k answers drawn from the family's training answer distribution,
+    so a record with answer y is solved with probability 1 − (1 − p(y))^k. Where the model's pass@k
+    is near this, its samples find the answer by trying the few answers the family has (counts,
+    yes/no), not by solving. Returns {"pass_at_k", "by_task": {family: pass@k}} (mean over records)."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for r in train:
+        answers[task_of(r)][normalize_answer(r["answer"])] += 1
+    hits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for r in records:
+        seen = answers[task_of(r)]
+        p = seen[normalize_answer(r["answer"])] / max(sum(seen.values()), 1)
+        h = hits[task_of(r)]
+        h[0] += 1.0 - (1.0 - p) ** k
+        h[1] += 1
+    return {"pass_at_k": sum(h[0] for h in hits.values()) / max(len(records), 1),
+            "by_task": {t: h[0] / h[1] for t, h in sorted(hits.items())}}
 
 
 def prior_baseline(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from quillan.data.splits import stratified_sample
 from quillan.checkpoint import CONFIG, WEIGHTS, load_model_dir, save_model_dir, write_checksums
-from quillan.inference import accuracy_by_domain, paired_standard_error, pass_at_k
+from quillan.inference import accuracy_by_domain, paired_standard_error, pass_at_k, prior_pass_at_k
 from quillan.rl import GRPOTrainer, NonFiniteError
 from tasks.common import PLOTS_DIR, ROOT, atomic_path, read_jsonl, write_json, write_metrics, write_text
 from tasks.params import Params
@@ -190,6 +190,8 @@ def run(params: Params) -> dict:
                    "seconds_per_step": round(seconds / max(1, len(history)), 2)}
         if pass_before is not None:
             metrics["pass_at_g_before"], metrics["pass_at_g_after"] = pass_before, pass_after
+            # pass@G of guessing from each family's training answers: the part of pass@G that is chance
+            metrics["pass_at_g_prior"] = prior_pass_at_k(train, pass_set, cfg.group_size)
         if history:
             last = history[-max(1, len(history) // 5):]  # the last fifth of the steps
             metrics["rollout_reward_first"] = history[0]["reward_mean"]

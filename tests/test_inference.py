@@ -7,7 +7,8 @@ import torch
 
 from quillan.config import QuillanConfig
 from quillan.data.tokenizer import train_tokenizer, training_text
-from quillan.inference import accuracy_by_domain, prior_baseline, task_of, wilson_interval
+from quillan.inference import (accuracy_by_domain, majority_answer, prior_baseline, prior_pass_at_k, task_of,
+                                wilson_interval)
 from quillan.model import Quillan
 
 
@@ -25,6 +26,24 @@ def test_prior_baseline_answers_each_familys_most_frequent_training_answer():
     assert prior["reasoning/greater"] == 0.5         # a tie: "no" < "yes", right on 1 of 2
     assert prior["reasoning/sort"] == 0.0            # never seen in training: no guess
     assert math.isclose(prior["overall"], 3 / 7)
+
+
+def test_prior_pass_at_k_is_the_chance_that_k_guesses_from_the_training_answers_hit():
+    train = [_rec("count", "1")] * 6 + [_rec("count", "2")] * 2 + [_rec("greater", "yes")] * 4
+    test = [_rec("count", "1"), _rec("count", "2"), _rec("count", "7"), _rec("greater", "yes "), _rec("sort", "1")]
+    got = prior_pass_at_k(train, test, k=2)
+    # p("1") = 3/4: 1 − (1/4)² = 15/16; p("2") = 1/4: 1 − (3/4)² = 7/16; "7" never seen: 0
+    assert math.isclose(got["by_task"]["reasoning/count"], (15 / 16 + 7 / 16 + 0) / 3)
+    assert got["by_task"]["reasoning/greater"] == 1.0   # answers compare normalised, as the verifier does
+    assert got["by_task"]["reasoning/sort"] == 0.0      # a family training never had
+    assert math.isclose(got["pass_at_k"], (15 / 16 + 7 / 16 + 1.0) / 5)
+    assert prior_pass_at_k(train, test, k=1)["by_task"]["reasoning/count"] == (3 / 4 + 1 / 4) / 3
+
+
+def test_majority_answer_votes_over_the_extracted_answers():
+    assert majority_answer(["Answer: 3", "2", "steps\nAnswer: 2 ", "x\nAnswer: 3", "Answer: 3."]) == "3"
+    assert majority_answer(["5", "Answer: 4", "4", "5"]) == "5"     # a tie: the answer given first
+    assert majority_answer([]) == ""
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -71,11 +90,12 @@ def test_pass_at_k_counts_prompts_with_any_correct_sample():
     written = extract_answer(complete(model, tok, [prompt_text(recs[0])], 4)[0])
     recs = [{**recs[0], "answer": written}, {**recs[1], "answer": "never written"}]
     cold = pass_at_k(model, tok, recs, k=4, temperature=1e-4, max_new_tokens=4)
-    assert cold["by_task"]["reasoning/max"] == {"pass_at_1": 1.0, "pass_at_k": 1.0, "n": 1}
-    assert cold["by_task"]["writing/upper"] == {"pass_at_1": 0.0, "pass_at_k": 0.0, "n": 1}
-    assert cold["pass_at_1"] == cold["pass_at_k"] == 0.5 and cold["k"] == 4
+    assert cold["by_task"]["reasoning/max"] == {"pass_at_1": 1.0, "pass_at_k": 1.0, "maj_at_k": 1.0, "n": 1}
+    assert cold["by_task"]["writing/upper"] == {"pass_at_1": 0.0, "pass_at_k": 0.0, "maj_at_k": 0.0, "n": 1}
+    assert cold["pass_at_1"] == cold["pass_at_k"] == cold["maj_at_k"] == 0.5 and cold["k"] == 4
     hot = pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
     assert hot["pass_at_k"] >= hot["pass_at_1"] and 0.0 <= hot["by_task"]["reasoning/max"]["pass_at_1"] < 1.0
+    assert hot["maj_at_k"] <= hot["pass_at_k"]  # a right majority needs a right sample
     assert hot == pass_at_k(model, tok, recs, k=8, temperature=5.0, max_new_tokens=4, seed=3)
 
 

@@ -43,6 +43,9 @@ def test_interrupted_grpo_resumes_to_the_same_weights(trained_project):
         p = metrics[when]
         assert p["k"] == 4 and sum(f["n"] for f in p["by_task"].values()) == 16, when
         assert all(0 <= f["pass_at_1"] <= f["pass_at_k"] <= 1 for f in p["by_task"].values()), when
+        assert all(0 <= f["maj_at_k"] <= f["pass_at_k"] for f in p["by_task"].values()), when
+    prior = metrics["pass_at_g_prior"]
+    assert set(prior["by_task"]) == set(metrics["pass_at_g_before"]["by_task"]) and 0 <= prior["pass_at_k"] <= 1
     assert not (out / "checkpoints").exists()
     subprocess.run(["rm", "-rf", str(out)], check=True)
     state = out / "checkpoints" / "last" / "state.json"
