@@ -92,7 +92,7 @@ def paired_standard_error(before: list[int], after: list[int]) -> float:
     return math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
-def _shares(hits: dict[str, list[int]]) -> dict[str, float]:
+def _shares(hits: dict[str, list]) -> dict[str, float]:
     return {k: h[0] / h[1] for k, h in sorted(hits.items())}
 
 
@@ -185,9 +185,8 @@ def majority_answer(completions: list[str]) -> str:
     """The answer most of `completions` give (`extract_answer`, compared as `normalize_answer`
     does); a tie goes to the answer given first. Self-consistency's vote (Wang et al. 2023,
     arXiv 2203.11171)."""
-    answers = [normalize_answer(extract_answer(c)) for c in completions]
-    counts = Counter(answers)
-    return max(answers, key=lambda a: (counts[a], -answers.index(a))) if answers else ""
+    votes = Counter(normalize_answer(extract_answer(c)) for c in completions)
+    return votes.most_common(1)[0][0] if votes else ""  # most_common keeps first-seen order in a tie
 
 
 def prior_pass_at_k(train: list[dict[str, Any]], records: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -195,9 +194,7 @@ def prior_pass_at_k(train: list[dict[str, Any]], records: list[dict[str, Any]], 
     so a record with answer y is solved with probability 1 − (1 − p(y))^k. Where the model's pass@k
     is near this, its samples find the answer by trying the few answers the family has (counts,
     yes/no), not by solving. Returns {"pass_at_k", "by_task": {family: pass@k}} (mean over records)."""
-    answers: dict[str, Counter] = defaultdict(Counter)
-    for r in train:
-        answers[task_of(r)][normalize_answer(r["answer"])] += 1
+    answers = training_answers(train)
     hits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for r in records:
         seen = answers[task_of(r)]
@@ -205,17 +202,21 @@ def prior_pass_at_k(train: list[dict[str, Any]], records: list[dict[str, Any]], 
         h = hits[task_of(r)]
         h[0] += 1.0 - (1.0 - p) ** k
         h[1] += 1
-    return {"pass_at_k": sum(h[0] for h in hits.values()) / max(len(records), 1),
-            "by_task": {t: h[0] / h[1] for t, h in sorted(hits.items())}}
+    return {"pass_at_k": sum(h[0] for h in hits.values()) / max(len(records), 1), "by_task": _shares(hits)}
+
+
+def training_answers(train: list[dict[str, Any]]) -> defaultdict[str, Counter]:
+    """How often each answer (as `normalize_answer` compares it) occurs per task family in `train`."""
+    answers: defaultdict[str, Counter] = defaultdict(Counter)
+    for r in train:
+        answers[task_of(r)][normalize_answer(r["answer"])] += 1
+    return answers
 
 
 def prior_baseline(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> dict[str, float]:
     """What guessing scores: per task family, the test accuracy of always answering that family's
     most frequent training answer (ties to the smaller string), and "overall" across families."""
-    answers: dict[str, Counter] = defaultdict(Counter)
-    for r in train:
-        answers[task_of(r)][r["answer"]] += 1
-    guess = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in answers.items()}
+    guess = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in training_answers(train).items()}
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in test:
         h = hits[task_of(r)]
