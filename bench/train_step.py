@@ -34,6 +34,7 @@ SWITCHES: dict[str, dict] = {
     "model.per_channel=true": {"model.per_channel": True},
     "quant.plan=adaptive": {"quant.plan": "adaptive"},
     "train.optimizer=hybrid": {"train.optimizer": "hybrid"},
+    "train.optimizer=muon": {"train.optimizer": "muon"},
 }
 
 

@@ -19,9 +19,12 @@ class TrainConfig(BaseModel):
     lr_warmup_steps: int = Field(50, ge=0, description="linear LR warmup, steps")
     weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay on ≥2-D weights")
     betas: tuple[float, float] = (0.9, 0.95)
-    optimizer: Literal["adamw", "hybrid"] = Field(
-        "adamw", description="adamw; or hybrid: cluster-balanced batches, AdamW with a learned LR multiplier and "
-                             "trust-region clip (seed note 003; quillan/train/hybrid.py), knobs under train.hybrid")
+    optimizer: Literal["adamw", "hybrid", "muon"] = Field(
+        "adamw", description="adamw; hybrid: cluster-balanced batches, AdamW with a learned LR multiplier and "
+                             "trust-region clip (seed note 003; quillan/train/hybrid.py), knobs under train.hybrid; "
+                             "muon: Muon on the BitLinear weights at AdamW's lr and weight decay (RMS-matched "
+                             "update), AdamW on the rest (quillan/train/muon.py)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's Nesterov momentum (train.optimizer: muon)")
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     lambda_schedule: LambdaSchedule = Field("linear", description="λ warmup shape (seed note 004)")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from quillan.bitnet import set_lambda, weight_sparsity
+from quillan.bitnet import bit_linears, set_lambda, weight_sparsity
 from quillan.config import QuillanConfig
 from quillan.model import Quillan
 from quillan.errors import NonFiniteError
@@ -186,10 +186,17 @@ class QuillanLightning(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.cfg
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        muon = {id(m.weight): m.weight for m in bit_linears(self.model)} if c.optimizer == "muon" else {}
+        rest = [p for p in self.model.parameters() if id(p) not in muon]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if c.optimizer == "hybrid":
+        if c.optimizer == "muon":
+            from quillan.train.muon import MuonAdamW
+
+            opt = MuonAdamW(muon.values(), groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                            momentum=c.muon_momentum, fused=self.fused_adamw)
+        elif c.optimizer == "hybrid":
             from quillan.train.hybrid import HybridTrustRegion
 
             opt = HybridTrustRegion(groups, c.hybrid, c.max_steps, self.seed, lr=c.lr, betas=c.betas)

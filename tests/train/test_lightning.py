@@ -86,6 +86,22 @@ def test_hybrid_optimizer_trains_and_reports_its_choices(tiny):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def test_muon_optimizer_trains_bitlinear_weights_and_adamw_the_rest(tiny):
+    from quillan.bitnet import bit_linears
+    from quillan.train.muon import MuonAdamW
+
+    module, losses = _fit(tiny, False, optimizer="muon")
+    opt = module.optimizers().optimizer
+    assert isinstance(opt, MuonAdamW)
+    muon_ids = {id(p) for g in opt.param_groups if g["muon"] for p in g["params"]}
+    assert muon_ids == {id(m.weight) for m in bit_linears(module.model)}
+    everything = [p for g in opt.param_groups for p in g["params"]]
+    assert len(everything) == len({id(p) for p in everything}) == len(list(module.model.parameters()))
+    assert any(p is module.model.embed.weight for g in opt.adamw.param_groups for p in g["params"])
+    assert all("momentum_buffer" in opt.state[p] for g in opt.param_groups if g["muon"] for p in g["params"])
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
 def test_prompt_loss_weight_adds_the_prompt_tokens_loss(tiny):
     """The step's loss is the answer CE + w·prompt CE + the auxiliary terms; both CEs are logged."""
     from quillan.train.data import prompt_labels
