@@ -210,8 +210,10 @@ def code_target(expr: list, answer: str, code_format: CodeFormat) -> str:
     (`code_expr.evaluation_trace`; a single operation has no inner values and stays the bare
     answer, and so does a trace longer than `CODE_STEPS_MAX_CHARS`)."""
     trace = evaluation_trace(expr) if code_format == "steps" else []
+    if not trace:
+        return answer
     target = worked_target("\n".join(trace), answer)
-    return target if trace and len(target) <= CODE_STEPS_MAX_CHARS else answer
+    return target if len(target) <= CODE_STEPS_MAX_CHARS else answer
 
 
 def _numbers(rng: random.Random, difficulty: int, n: int) -> list[int]:
