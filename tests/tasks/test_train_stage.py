@@ -69,4 +69,4 @@ def test_two_process_cpu_ddp_through_dvc_repro(generated_project):
     assert "Running stage 'train'" in proc.stdout
     assert (root / "models/train/model.safetensors").exists()
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]["train"]
-    assert locked == {"optimizer": "adamw", "strategy": "ddp", "devices": 2, "max_steps": 8, "fp_reference": False}
+    assert locked == {"strategy": "ddp", "devices": 2, "max_steps": 8, "fp_reference": False}
