@@ -14,10 +14,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_steps: int = Field(900, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="sequences per step (global, split across devices)")
-    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW's; Muon's RMS-matched update takes the same)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a share of the peak (cosine)")
     lr_warmup_steps: int = Field(50, ge=0, description="linear LR warmup, steps")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW decoupled weight decay on ≥2-D weights")
+    weight_decay: float = Field(0.05, ge=0, description="decoupled weight decay on ≥2-D weights (AdamW and Muon)")
     betas: tuple[float, float] = (0.9, 0.95)
     optimizer: Literal["adamw", "hybrid", "muon"] = Field(
         "adamw", description="adamw; hybrid: cluster-balanced batches, AdamW with a learned LR multiplier and "

@@ -8,7 +8,9 @@ matches AdamW's, which lets it reuse AdamW's learning rate and weight decay. Emb
 routers, norms and the micro agents' banks keep AdamW, as in both papers.
 
 Same-shape matrices (the council's 64 expert projections of a shape) are orthogonalized in one
-batched call: one (E, m, n) product chain instead of E small ones.
+batched call: one (E, m, n) product chain instead of E small ones. That, and float32 Newton–Schulz
+on CPUs whose bf16 matmuls are slow, is why this is not `torch.optim.Muon` (one 2-D matrix per call,
+bf16 inside); tests/train/test_muon.py checks the two agree.
 """
 
 from __future__ import annotations

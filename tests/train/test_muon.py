@@ -74,7 +74,7 @@ def test_step_matches_pytorch_muon_and_adamw():
 def test_lr_scheduler_reaches_both_parts_and_checkpoints_resume_exactly():
     (w, v, b), loss = _problem()
     opt = MuonAdamW([w, v], [{"params": [b], "weight_decay": 0.0}], lr=0.02, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # sets every group's lr at construction
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01] and opt.adamw.param_groups[0]["lr"] == 0.01
     _run(opt, (w, v, b), loss, 2)
     saved = copy.deepcopy(opt.state_dict())
@@ -90,7 +90,6 @@ def test_lr_scheduler_reaches_both_parts_and_checkpoints_resume_exactly():
     assert resumed.adamw.state is resumed.state and resumed.param_groups[1]["lr"] == 0.01
     for a, c in zip(_run(resumed, (w, v, b), loss, 2), uninterrupted):
         assert torch.equal(a, c)
-    del sched
 
 
 def test_rejects_non_matrix_weights():
